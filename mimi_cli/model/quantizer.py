@@ -1,0 +1,118 @@
+"""Split residual vector quantizer: 1 semantic codebook + N acoustic codebooks, nearest-neighbour search."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import MimiConfig
+
+_USAGE_EPSILON = 1e-5  # floor of a codebook entry's usage count when turning sums into centroids
+
+
+class Codebook(nn.Module):
+    """One codebook of `size` centroids of `dim` values (float32 whatever the model's dtype).
+
+    Stored as the released running sums:
+
+    `embed_sum / max(cluster_usage, ε)` are the centroids; `prepare()` computes them once after
+    the weights are loaded, so that encode and decode only index and compare.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("initialized", torch.ones(1))
+        self.register_buffer("cluster_usage", torch.ones(size))
+        self.register_buffer("embed_sum", torch.zeros(size, dim))
+        self.register_buffer("embed", torch.zeros(size, dim), persistent=False)
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        embed = self.embed_sum.float() / self.cluster_usage.float().clamp(min=_USAGE_EPSILON)[:, None]
+        self.embed = embed
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [N, dim] → indices [N] of the nearest centroid (Euclidean distance).
+
+        `torch.cdist` (a matrix product plus norms) rounds exactly as the reference does, so that
+        near-ties resolve to the same centroid.
+        """
+        return torch.cdist(x[None], self.embed[None])[0].argmin(dim=-1)
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Projects 512 → 256, quantizes with successive codebooks on the residual, projects back."""
+
+    def __init__(self, config: MimiConfig, num_codebooks: int) -> None:
+        super().__init__()
+        self.input_proj = nn.Conv1d(config.hidden_size, config.codebook_dim, 1, bias=False)
+        self.output_proj = nn.Conv1d(config.codebook_dim, config.hidden_size, 1, bias=False)
+        self.layers = nn.ModuleList(
+            [_VectorQuantizer(config.codebook_size, config.codebook_dim) for _ in range(num_codebooks)]
+        )
+
+    def encode(self, latents: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+        """latents: [B, 512, F] → codes [B, K, F] (int64) for the first `num_codebooks` codebooks."""
+        batch, _, frames = latents.shape
+        residual = self.input_proj(latents.float()).transpose(1, 2).reshape(batch * frames, -1)
+        codes = []
+        for layer in self.layers[:num_codebooks]:
+            indices = layer.codebook.nearest(residual)
+            residual = residual - layer.codebook.embed[indices]
+            codes.append(indices.view(batch, frames))
+        return torch.stack(codes, dim=1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, K, F] → latents [B, 512, F]."""
+        total = None
+        for k in range(codes.shape[1]):
+            vectors = self.layers[k].codebook.embed[codes[:, k]]  # [B, F, 256]
+            total = vectors if total is None else total + vectors
+        return self.output_proj(total.transpose(1, 2))
+
+
+class _VectorQuantizer(nn.Module):
+    """Holds one codebook (kept as a submodule so that names match the released layout)."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.codebook = Codebook(size, dim)
+
+
+class SplitResidualVectorQuantizer(nn.Module):
+    """Codebook 0 comes from the semantic RVQ; codebooks 1..K-1 from the acoustic RVQ on the same latents."""
+
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        self.num_semantic = config.num_semantic_quantizers
+        self.num_codebooks = config.num_quantizers
+        self.semantic_residual_vector_quantizer = ResidualVectorQuantizer(config, self.num_semantic)
+        self.acoustic_residual_vector_quantizer = ResidualVectorQuantizer(
+            config, config.num_quantizers - self.num_semantic
+        )
+
+    def prepare(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Codebook):
+                module.prepare()
+
+    def encode(self, latents: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+        """latents: [B, 512, F] → codes [B, num_codebooks, F] int64."""
+        if not self.num_semantic <= num_codebooks <= self.num_codebooks:
+            raise ValueError(
+                f"num_codebooks must be in {self.num_semantic}..{self.num_codebooks}, got {num_codebooks}"
+            )
+        codes = self.semantic_residual_vector_quantizer.encode(latents, self.num_semantic)
+        if num_codebooks > self.num_semantic:
+            acoustic = self.acoustic_residual_vector_quantizer.encode(
+                latents, num_codebooks - self.num_semantic
+            )
+            codes = torch.cat([codes, acoustic], dim=1)
+        return codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, K, F] with 1 ≤ K ≤ num_codebooks → latents [B, 512, F]."""
+        latents = self.semantic_residual_vector_quantizer.decode(codes[:, : self.num_semantic])
+        if codes.shape[1] > self.num_semantic:
+            latents = latents + self.acoustic_residual_vector_quantizer.decode(codes[:, self.num_semantic :])
+        return latents

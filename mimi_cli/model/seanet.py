@@ -1,0 +1,84 @@
+"""SEANet convolutional encoder and decoder: 24 kHz audio ⇄ 512-dim latents at 25 Hz."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import MimiConfig
+from .conv import CausalConv1d, CausalConvTranspose1d
+
+
+class ResidualUnit(nn.Module):
+    """x + conv1(elu(conv_k(elu(x)))), with a bottleneck of `dim // compress` channels.
+
+    `block` keeps the ELUs as entries so that parameter names match the released layout
+    (`block.1.conv.weight`, `block.3.conv.weight`).
+    """
+
+    def __init__(self, config: MimiConfig, dim: int, dilation: int) -> None:
+        super().__init__()
+        hidden = dim // config.compress
+        self.block = nn.ModuleList(
+            [
+                nn.ELU(),
+                CausalConv1d(dim, hidden, config.residual_kernel_size, dilation=dilation),
+                nn.ELU(),
+                CausalConv1d(hidden, dim, 1),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for layer in self.block:
+            y = layer(y)
+        return x + y
+
+
+def _residual_units(config: MimiConfig, dim: int) -> list[nn.Module]:
+    return [
+        ResidualUnit(config, dim, config.dilation_growth_rate**j) for j in range(config.num_residual_layers)
+    ]
+
+
+class SeanetEncoder(nn.Module):
+    """audio [B, 1, T] at 24 kHz → latents [B, hidden_size, ceil(T / hop_length)]."""
+
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        width = config.num_filters
+        layers: list[nn.Module] = [CausalConv1d(config.audio_channels, width, config.kernel_size)]
+        for ratio in reversed(config.upsampling_ratios):
+            layers += _residual_units(config, width)
+            layers += [nn.ELU(), CausalConv1d(width, width * 2, kernel_size=2 * ratio, stride=ratio)]
+            width *= 2
+        layers += [nn.ELU(), CausalConv1d(width, config.hidden_size, config.last_kernel_size)]
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SeanetDecoder(nn.Module):
+    """latents [B, hidden_size, N] at 25 Hz → audio [B, 1, N · hop_length] at 24 kHz."""
+
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        width = config.num_filters * 2 ** len(config.upsampling_ratios)
+        layers: list[nn.Module] = [CausalConv1d(config.hidden_size, width, config.kernel_size)]
+        for ratio in config.upsampling_ratios:
+            layers += [
+                nn.ELU(),
+                CausalConvTranspose1d(width, width // 2, kernel_size=2 * ratio, stride=ratio),
+            ]
+            width //= 2
+            layers += _residual_units(config, width)
+        layers += [nn.ELU(), CausalConv1d(width, config.audio_channels, config.last_kernel_size)]
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x

@@ -1,0 +1,46 @@
+"""Shared fixtures: random weights written in the released layouts, and test signals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from signals import noise, speech_like  # noqa: E402,F401
+from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
+
+from mimi_cli.config import MimiConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def full_state() -> dict[str, torch.Tensor]:
+    return random_state(MimiConfig(), seed=1234)
+
+
+@pytest.fixture(scope="session")
+def full_weights(tmp_path_factory, full_state) -> Path:
+    """A folder holding model.safetensors + config.json of random full-size weights (hub layout)."""
+    folder = tmp_path_factory.mktemp("mimi-full")
+    write_hub_layout(folder, MimiConfig(), full_state)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_state() -> dict[str, torch.Tensor]:
+    return random_state(TINY_CONFIG, seed=99)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory, tiny_state) -> Path:
+    folder = tmp_path_factory.mktemp("mimi-tiny")
+    write_hub_layout(folder, TINY_CONFIG, tiny_state)
+    return folder
