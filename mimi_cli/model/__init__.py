@@ -1,5 +1,5 @@
 """Mimi in PyTorch, inference only."""
 
-from .mimi import MimiModel
+from .mimi import MimiModel, StreamingDecoder, StreamingEncoder
 
-__all__ = ["MimiModel"]
+__all__ = ["MimiModel", "StreamingDecoder", "StreamingEncoder"]

@@ -9,7 +9,11 @@ from ..config import MimiConfig
 from .conv import CausalConv1d, CausalConvTranspose1d
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetDecoder, SeanetEncoder
+from .stream import Stream
 from .transformer import Transformer
+
+# Long inputs are run this many frames at a time (40 s): bounded memory, same result.
+DEFAULT_CHUNK_FRAMES = 500
 
 
 class MimiModel(nn.Module):
@@ -58,33 +62,100 @@ class MimiModel(nn.Module):
         return self
 
     @torch.inference_mode()
-    def encode(self, audio: torch.Tensor, num_codebooks: int | None = None) -> torch.Tensor:
-        """audio: float tensor [B, 1, T] at 24 kHz → codes: int64 tensor [B, K, ceil(T / frame_size)]."""
-        num_codebooks = self.config.num_quantizers if num_codebooks is None else num_codebooks
+    def encode(
+        self,
+        audio: torch.Tensor,
+        num_codebooks: int | None = None,
+        chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
+    ) -> torch.Tensor:
+        """audio: float tensor [B, 1, T] at 24 kHz → codes: int64 tensor [B, K, ceil(T / frame_size)].
+
+        Long inputs are run `chunk_frames` frames at a time (None: all at once) to bound memory;
+        the result is that of one whole-input pass, up to float rounding.
+        """
         if audio.dim() != 3 or audio.shape[1] != self.config.audio_channels:
             raise ValueError(f"audio must be [B, {self.config.audio_channels}, T], got {list(audio.shape)}")
-        if audio.shape[-1] == 0:
-            return torch.zeros(audio.shape[0], num_codebooks, 0, dtype=torch.long, device=audio.device)
-        latents = self.encoder(audio.to(self.device, self.dtype))
-        latents = self.encoder_transformer(latents)
-        latents = self.downsample(latents)
-        return self.quantizer.encode(latents, num_codebooks)
+        encoder = StreamingEncoder(self, num_codebooks)
+        chunk = audio.shape[-1] if chunk_frames is None else chunk_frames * self.config.frame_size
+        if audio.shape[-1] <= chunk:
+            return encoder.push(audio, final=True)
+        codes = [
+            encoder.push(audio[..., start : start + chunk]) for start in range(0, audio.shape[-1], chunk)
+        ]
+        return torch.cat([*codes, encoder.finish()], dim=-1)
 
     @torch.inference_mode()
-    def decode(self, codes: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    def decode(
+        self, codes: torch.Tensor, length: int | None = None, chunk_frames: int | None = DEFAULT_CHUNK_FRAMES
+    ) -> torch.Tensor:
         """codes: int tensor [B, K, F] → audio: float tensor [B, 1, length or F · frame_size] at 24 kHz."""
-        if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.config.num_quantizers:
-            raise ValueError(
-                f"codes must be [B, K, F] with 1 ≤ K ≤ {self.config.num_quantizers}, got {list(codes.shape)}"
-            )
         full = codes.shape[-1] * self.config.frame_size
         length = full if length is None else length
         if not 0 <= length <= full:
             raise ValueError(f"length must be in 0..{full} for {codes.shape[-1]} frames, got {length}")
-        if codes.shape[-1] == 0:
-            return torch.zeros(codes.shape[0], 1, 0, dtype=self.dtype, device=self.device)
-        latents = self.quantizer.decode(codes.to(self.device, torch.long)).to(self.dtype)
-        latents = self.upsample(latents)
-        latents = self.decoder_transformer(latents)
-        audio = self.decoder(latents)
+        decoder = StreamingDecoder(self)
+        chunk = codes.shape[-1] if chunk_frames is None else chunk_frames
+        pieces = [
+            decoder.push(codes[..., start : start + chunk]) for start in range(0, codes.shape[-1], chunk)
+        ]
+        audio = torch.cat(pieces, dim=-1) if pieces else decoder.push(codes)
         return audio[..., :length]
+
+
+class StreamingEncoder:
+    """Encodes audio pushed chunk by chunk; the codes equal those of one whole-input pass.
+
+    Each `push(audio [B, 1, n])` returns the frames completed so far, `finish()` the last ones
+    (the whole input's final partial frame is padded as in a whole-input pass).
+    """
+
+    def __init__(self, model: MimiModel, num_codebooks: int | None = None) -> None:
+        self.model = model
+        self.num_codebooks = model.config.num_quantizers if num_codebooks is None else num_codebooks
+        if not 1 <= self.num_codebooks <= model.config.num_quantizers:
+            raise ValueError(
+                f"num_codebooks must be in 1..{model.config.num_quantizers}, got {self.num_codebooks}"
+            )
+        self.stream = Stream()
+        self.batch = 1
+
+    @torch.inference_mode()
+    def push(self, audio: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """audio: float [B, 1, n] at 24 kHz → codes: int64 [B, K, frames completed by this chunk]."""
+        if self.stream.final:
+            raise RuntimeError("this StreamingEncoder is finished")
+        model, stream = self.model, self.stream
+        self.batch = audio.shape[0]
+        stream.final = final
+        latents = model.encoder(audio.to(model.device, model.dtype), stream)
+        latents = model.encoder_transformer(latents, stream)
+        latents = model.downsample(latents, stream)
+        return model.quantizer.encode(latents, self.num_codebooks)
+
+    def finish(self) -> torch.Tensor:
+        """The codes of the last frames, completed with the end padding of a whole-input pass."""
+        model = self.model
+        empty = torch.zeros(
+            self.batch, model.config.audio_channels, 0, device=model.device, dtype=model.dtype
+        )
+        return self.push(empty, final=True)
+
+
+class StreamingDecoder:
+    """Decodes codes pushed chunk by chunk: `push(codes [B, K, f])` → audio [B, 1, f · frame_size]."""
+
+    def __init__(self, model: MimiModel) -> None:
+        self.model = model
+        self.stream = Stream()
+
+    @torch.inference_mode()
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        model, stream = self.model, self.stream
+        if codes.dim() != 3 or not 1 <= codes.shape[1] <= model.config.num_quantizers:
+            raise ValueError(
+                f"codes must be [B, K, F] with 1 ≤ K ≤ {model.config.num_quantizers}, got {list(codes.shape)}"
+            )
+        latents = model.quantizer.decode(codes.to(model.device, torch.long)).to(model.dtype)
+        latents = model.upsample(latents, stream)
+        latents = model.decoder_transformer(latents, stream)
+        return model.decoder(latents, stream)

@@ -54,6 +54,8 @@ class ResidualVectorQuantizer(nn.Module):
     def encode(self, latents: torch.Tensor, num_codebooks: int) -> torch.Tensor:
         """latents: [B, 512, F] → codes [B, K, F] (int64) for the first `num_codebooks` codebooks."""
         batch, _, frames = latents.shape
+        if frames == 0:
+            return latents.new_zeros(batch, num_codebooks, 0, dtype=torch.long)
         residual = self.input_proj(latents.float()).transpose(1, 2).reshape(batch * frames, -1)
         codes = []
         for layer in self.layers[:num_codebooks]:
@@ -64,6 +66,8 @@ class ResidualVectorQuantizer(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, K, F] → latents [B, 512, F]."""
+        if codes.shape[-1] == 0:
+            return self.output_proj.weight.new_zeros(codes.shape[0], self.output_proj.out_channels, 0)
         total = None
         for k in range(codes.shape[1]):
             vectors = self.layers[k].codebook.embed[codes[:, k]]  # [B, F, 256]

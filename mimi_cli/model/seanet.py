@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import MimiConfig
 from .conv import CausalConv1d, CausalConvTranspose1d
+from .stream import Stream
 
 
 class ResidualUnit(nn.Module):
@@ -28,11 +29,15 @@ class ResidualUnit(nn.Module):
             ]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        for layer in self.block:
-            y = layer(y)
-        return x + y
+    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        return x + _run(self.block, x, stream)
+
+
+def _run(layers: nn.ModuleList, x: torch.Tensor, stream: Stream | None) -> torch.Tensor:
+    """Apply `layers` in order; the stateful ones (convolutions, residual units) get the stream."""
+    for layer in layers:
+        x = layer(x) if isinstance(layer, nn.ELU) else layer(x, stream)
+    return x
 
 
 def _residual_units(config: MimiConfig, dim: int) -> list[nn.Module]:
@@ -55,10 +60,8 @@ class SeanetEncoder(nn.Module):
         layers += [nn.ELU(), CausalConv1d(width, config.hidden_size, config.last_kernel_size)]
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        return _run(self.layers, x, stream)
 
 
 class SeanetDecoder(nn.Module):
@@ -78,7 +81,5 @@ class SeanetDecoder(nn.Module):
         layers += [nn.ELU(), CausalConv1d(width, config.audio_channels, config.last_kernel_size)]
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        return _run(self.layers, x, stream)

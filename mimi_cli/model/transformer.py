@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
+from .stream import Stream, layer_state
 
 
 def rope_tables(
@@ -80,9 +82,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(width, width, bias=False)
         self.o_proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, C]; cos, sin: [T, head_dim] for the absolute positions of x."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream | None = None
+    ) -> torch.Tensor:
+        """x: [B, T, C]; cos, sin: [T, head_dim] for the absolute positions of x.
+
+        Streamed, the keys and values of the last `window - 1` steps are carried to the next call.
+        """
         batch, steps, _ = x.shape
+        state, _ = layer_state(stream, self, _KeyValueWindow)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
@@ -90,8 +98,20 @@ class Attention(nn.Module):
         q = apply_rope(heads(self.q_proj(x)), cos, sin)
         k = apply_rope(heads(self.k_proj(x)), cos, sin)
         v = heads(self.v_proj(x))
-        out = sliding_window_attention(q, k, v, self.window, num_past=0)
+        num_past = 0
+        if state.keys is not None:
+            num_past = state.keys.shape[2]
+            k, v = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
+        out = sliding_window_attention(q, k, v, self.window, num_past)
+        if stream is not None:
+            state.keys, state.values = k[:, :, 1 - self.window :].clone(), v[:, :, 1 - self.window :].clone()
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+@dataclass
+class _KeyValueWindow:
+    keys: torch.Tensor | None = None  # [B, H, ≤ window - 1, D], RoPE applied
+    values: torch.Tensor | None = None
 
 
 class LayerScale(nn.Module):
@@ -126,8 +146,10 @@ class TransformerLayer(nn.Module):
         self.mlp = Mlp(config)
         self.mlp_layer_scale = LayerScale(width)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, stream))
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -139,11 +161,21 @@ class Transformer(nn.Module):
         self.config = config
         self.layers = nn.ModuleList([TransformerLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """`offset` is the absolute position of the first step (RoPE positions)."""
+    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        """x: [B, C, T] → [B, C, T]; streamed, positions continue from the previous call."""
+        state, _ = layer_state(stream, self, _Position)
+        steps = x.shape[-1]
+        if steps == 0:
+            return x
         x = x.transpose(1, 2)
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        positions = torch.arange(state.offset, state.offset + steps, device=x.device)
+        state.offset += steps
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, stream)
         return x.transpose(1, 2)
+
+
+@dataclass
+class _Position:
+    offset: int = 0  # absolute position of the next step

@@ -1,0 +1,98 @@
+"""Streamed encode/decode equals one whole-input pass, for any chunk size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from signals import noise, speech_like
+
+from mimi_cli import load_model
+from mimi_cli.model import StreamingDecoder, StreamingEncoder
+
+MAX_CODE_MISMATCH = 0.001  # float-rounding ties, as in the parity tests
+MAX_AUDIO_DIFF = 1e-4
+
+
+def _stream_encode(model, audio: torch.Tensor, chunk: int, k: int) -> torch.Tensor:
+    encoder = StreamingEncoder(model, k)
+    pieces = [encoder.push(audio[..., i : i + chunk]) for i in range(0, audio.shape[-1], chunk)]
+    return torch.cat([*pieces, encoder.finish()], dim=-1)
+
+
+def _stream_decode(model, codes: torch.Tensor, chunk: int) -> torch.Tensor:
+    decoder = StreamingDecoder(model)
+    return torch.cat(
+        [decoder.push(codes[..., i : i + chunk]) for i in range(0, codes.shape[-1], chunk)], dim=-1
+    )
+
+
+def _assert_codes_match(streamed: torch.Tensor, whole: torch.Tensor) -> None:
+    assert streamed.shape == whole.shape
+    mismatch = (streamed != whole).float().mean().item()
+    assert mismatch <= MAX_CODE_MISMATCH, f"{mismatch:.4%} of codes differ"
+    assert whole[0, 0].unique().numel() > whole.shape[-1] // 10  # codes vary: the check means something
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_weights):
+    return load_model(tiny_weights)
+
+
+@pytest.mark.parametrize("chunk", [333, 1920, 1921, 4097, 24_000, 10**6])
+@pytest.mark.parametrize("make_signal", [speech_like, noise])
+def test_tiny_stream_equals_whole(tiny, chunk, make_signal):
+    # the tiny model's attention window is 10 steps (0.4 s): 6.3 s is far past it
+    audio = torch.from_numpy(make_signal(6.3))[None, None]
+    whole = tiny.encode(audio, 32, chunk_frames=None)
+    assert whole.shape[-1] == -(-audio.shape[-1] // 1920)
+    _assert_codes_match(_stream_encode(tiny, audio, chunk, 32), whole)
+
+    whole_audio = tiny.decode(whole, chunk_frames=None)
+    frames = max(1, chunk // 1920)
+    streamed_audio = _stream_decode(tiny, whole, frames)
+    assert streamed_audio.shape == whole_audio.shape
+    assert (streamed_audio - whole_audio).abs().max().item() <= MAX_AUDIO_DIFF
+
+
+@pytest.mark.parametrize("samples", [0, 1, 1919, 1920, 1921, 3840])
+def test_edges_of_frames(tiny, samples):
+    audio = torch.from_numpy(speech_like(0.2))[None, None, :samples]
+    whole = tiny.encode(audio, 8, chunk_frames=None)
+    assert whole.shape == (1, 8, -(-samples // 1920))
+    assert torch.equal(_stream_encode(tiny, audio, 700, 8) if samples else whole, whole)
+    assert tiny.decode(whole, samples).shape == (1, 1, samples)
+
+
+def test_pushes_of_nothing_change_nothing(tiny):
+    audio = torch.from_numpy(speech_like(1.0))[None, None]
+    encoder = StreamingEncoder(tiny, 4)
+    empty = audio[..., :0]
+    pieces = [
+        encoder.push(empty),
+        encoder.push(audio[..., :5000]),
+        encoder.push(empty),
+        encoder.push(audio[..., 5000:]),
+    ]
+    streamed = torch.cat([*pieces, encoder.finish()], dim=-1)
+    assert torch.equal(streamed, tiny.encode(audio, 4, chunk_frames=None))
+    with pytest.raises(RuntimeError, match="finished"):
+        encoder.push(audio)
+
+
+def test_encode_default_chunking_equals_one_pass(tiny):
+    audio = torch.from_numpy(noise(4.0))[None, None]
+    _assert_codes_match(tiny.encode(audio, 16, chunk_frames=7), tiny.encode(audio, 16, chunk_frames=None))
+    codes = tiny.encode(audio, 16)
+    decoded = tiny.decode(codes, chunk_frames=3)
+    assert (decoded - tiny.decode(codes, chunk_frames=None)).abs().max().item() <= MAX_AUDIO_DIFF
+
+
+def test_full_model_stream_past_attention_window(full_weights):
+    """Released config: 25 s is past the 10 s attention window; chunks not aligned to frames."""
+    model = load_model(full_weights)
+    audio = torch.from_numpy(speech_like(25.0, seed=3))[None, None]
+    whole = model.encode(audio, 32, chunk_frames=None)
+    _assert_codes_match(_stream_encode(model, audio, 7777, 32), whole)
+    whole_audio = model.decode(whole, chunk_frames=None)
+    streamed_audio = _stream_decode(model, whole, 29)
+    assert (streamed_audio - whole_audio).abs().max().item() <= MAX_AUDIO_DIFF
