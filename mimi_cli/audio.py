@@ -1,0 +1,448 @@
+"""Audio I/O: read, downmix, resample and write files and streams (numpy + soundfile + soxr, never torch).
+
+What the model sees is float32 mono at 24 kHz:
+
+    file or stream ──soundfile──▶ float32 [n, C] ──mean over C──▶ [n] ──soxr "HQ"──▶ [n'] at 24 kHz
+
+Lengths: T input frames at rate s become exactly `resampled_length(T, s, t)` = floor(T * t / s + 1/2)
+frames at rate t (what soxr produces), for whole-file reads and for streams alike: the stream's
+resampler is flushed at the end, and its output equals the whole-file output sample for sample.
+
+Pipes: libsndfile has to seek, so a non-seekable input (stdin fed by `ffmpeg -i x -f wav -`) is handled
+here. WAV holding plain PCM (8/16/24/32-bit) or float (32/64-bit) samples is parsed and decoded block by
+block by `wavpipe` with libsndfile's own scaling (int / 2**(bits-1); unsigned 8-bit as (x - 128) / 128),
+so it streams in constant memory; a data size of 0xFFFFFFFF or 0 (what current and older ffmpeg write when
+they cannot seek back) means "until the end of the stream". Any other input (FLAC, Ogg, other WAV
+encodings) is spooled to a temporary file and then decoded by libsndfile.
+
+Outputs: WAV and FLAC are 16-bit PCM, x -> clamp(round(x * 32768), -32768, 32767), i.e. clipped to
+[-1, 1], so reading back returns x to within 2**-16; Ogg is Vorbis from the clipped float32 samples.
+A non-seekable output (stdout into a pipe) gets WAV with a 0xFFFFFFFF-size header (`wavpipe`), or, for
+FLAC and Ogg, a spooled file copied out at close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeAlias
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .config import SAMPLE_RATE
+from .errors import AudioError
+from .fsutil import STDIO, atomic_output
+from .wavpipe import WavFormat, is_wav, parse_header, read_blocks, read_upto, stream_header
+
+RESAMPLE_QUALITY = "HQ"  # soxr quality for every resampling, whole-file and streamed
+BLOCK_FRAMES = 16_384  # input frames per streamed block (0.37 s at 44.1 kHz)
+OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG"}
+OUTPUT_SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}
+
+AudioPath: TypeAlias = "str | os.PathLike[str] | BinaryIO"  # a path, "-" (stdin / stdout) or a binary file
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What an audio input holds, before any downmix or resampling."""
+
+    sample_rate: int  # Hz
+    channels: int
+    frames: int | None  # samples per channel; None when unknown (a WAV stream of unknown size)
+    format: str  # libsndfile's major format name: "WAV", "FLAC", "OGG", ...
+    subtype: str = ""  # sample encoding: "PCM_16", "FLOAT", "VORBIS", ...
+
+    @property
+    def duration(self) -> float | None:
+        """Length in seconds, None when unknown."""
+        return None if self.frames is None else self.frames / self.sample_rate
+
+
+def probe(src: AudioPath) -> AudioInfo:
+    """Describe an audio file without decoding it. Reading "-" consumes stdin."""
+    reader = _open(src)
+    reader.close()
+    return reader.info
+
+
+def read_audio(src: AudioPath, target_rate: int | None = SAMPLE_RATE) -> tuple[np.ndarray, AudioInfo]:
+    """Read a whole input as float32 mono [T] at `target_rate` (None keeps the file's rate).
+
+    Channels are averaged; T = resampled_length(info.frames, info.sample_rate, target_rate). The returned
+    info describes the original (rate, channels, frames actually read).
+    """
+    reader = _open(src)
+    with contextlib.closing(reader):
+        blocks = [_downmix(_checked(reader.name, block)) for block in reader.blocks(1 << 18)]
+    audio = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    if not len(audio):
+        raise AudioError(f"{reader.name}: contains no samples")
+    info = reader.info
+    if info.frames != len(audio):
+        info = dataclasses.replace(info, frames=len(audio))
+    if target_rate is not None:
+        audio = resample(audio, info.sample_rate, target_rate)
+    return audio, info
+
+
+def stream_audio(
+    src: AudioPath, target_rate: int | None = SAMPLE_RATE, block_frames: int = BLOCK_FRAMES
+) -> tuple[AudioInfo, AudioBlocks]:
+    """Open an input now; return its info and an iterator of float32 mono blocks [n] at `target_rate`.
+
+    Opening errors raise here; NaN/inf samples and an input that turns out to be empty raise from the
+    iterator. The blocks concatenate to exactly `read_audio(src, target_rate)[0]`. The input is closed
+    when the iterator is exhausted (or garbage-collected).
+    """
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be positive, got {block_frames}")
+    reader = _open(src)
+    if reader.info.frames == 0:
+        reader.close()
+        raise AudioError(f"{reader.name}: contains no samples")
+    return reader.info, AudioBlocks(reader, target_rate, block_frames)
+
+
+def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Resample float [T] or [T, C] with soxr "HQ" to [T'] or [T', C], T' = resampled_length(T, ...).
+
+    Returns `audio` itself when the rates are equal.
+    """
+    if source_rate <= 0 or target_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {source_rate} -> {target_rate}")
+    if source_rate == target_rate or not len(audio):
+        return audio
+    return soxr.resample(audio, source_rate, target_rate, quality=RESAMPLE_QUALITY)
+
+
+def resampled_length(frames: int, source_rate: int, target_rate: int) -> int:
+    """Frames after resampling `frames` from `source_rate` to `target_rate`: floor(frames * t / s + 1/2)."""
+    return (2 * frames * target_rate + source_rate) // (2 * source_rate)
+
+
+class AudioBlocks(Iterator[np.ndarray]):
+    """The blocks of `stream_audio`; `frames_read` counts the input frames (per channel) consumed so far.
+
+    Once exhausted, `frames_read` is the input's true length, also for pipes of unknown size.
+    """
+
+    def __init__(self, reader: _Reader, target_rate: int | None, block_frames: int) -> None:
+        self.frames_read = 0
+        self._blocks = self._resampled(reader, target_rate, block_frames)
+
+    def __next__(self) -> np.ndarray:
+        return next(self._blocks)
+
+    def _resampled(self, reader: _Reader, target_rate: int | None, block_frames: int) -> Iterator[np.ndarray]:
+        rate = reader.info.sample_rate
+        stream = None
+        if target_rate is not None and target_rate != rate:
+            stream = soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        try:
+            for block in reader.blocks(block_frames):
+                mono = _downmix(_checked(reader.name, block))
+                self.frames_read += len(mono)
+                out = mono if stream is None else stream.resample_chunk(mono)
+                if len(out):
+                    yield out
+            if not self.frames_read:
+                raise AudioError(f"{reader.name}: contains no samples")
+            if stream is not None:
+                # The block that hit EOF was already sent; an empty last=True call flushes soxr's delay line.
+                tail = stream.resample_chunk(np.zeros(0, np.float32), last=True)
+                if len(tail):
+                    yield tail
+        finally:
+            reader.close()
+
+
+def _downmix(block: np.ndarray) -> np.ndarray:
+    """float32 [n, C] -> contiguous float32 [n], the mean over channels."""
+    if block.shape[1] == 1:
+        return np.ascontiguousarray(block[:, 0])
+    return block.mean(axis=1, dtype=np.float32)
+
+
+def _checked(name: str, block: np.ndarray) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise AudioError(f"{name}: contains NaN or infinite samples")
+    return block
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    """An open input: `info`, then float32 [n, C] blocks; closes the file object it owns."""
+
+    def __init__(self, name: str, info: AudioInfo, owned: BinaryIO | None) -> None:
+        self.name, self.info, self.owned = name, info, owned
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.owned is not None:
+            self.owned.close()
+
+
+class _SoundFileReader(_Reader):
+    """A seekable input decoded by libsndfile."""
+
+    def __init__(self, name: str, file: BinaryIO, owned: BinaryIO | None) -> None:
+        try:
+            self.sf = sf.SoundFile(file)
+        except sf.SoundFileError as e:
+            raise AudioError(f"{name}: not a readable audio file ({_reason(e)})") from e
+        info = AudioInfo(
+            self.sf.samplerate, self.sf.channels, self.sf.frames, self.sf.format, self.sf.subtype
+        )
+        super().__init__(name, info, owned)
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        while True:
+            try:
+                block = self.sf.read(frames, dtype="float32", always_2d=True)
+            except sf.SoundFileError as e:
+                raise AudioError(f"{self.name}: cannot decode audio ({_reason(e)})") from e
+            if not len(block):
+                return
+            yield block
+
+    def close(self) -> None:
+        self.sf.close()
+        super().close()
+
+
+class _WavStreamReader(_Reader):
+    """PCM or float WAV samples read straight from a (possibly non-seekable) stream by `wavpipe`."""
+
+    def __init__(self, name: str, stream: BinaryIO, fmt: WavFormat, owned: BinaryIO | None) -> None:
+        info = AudioInfo(fmt.sample_rate, fmt.channels, fmt.frames, "WAV", fmt.subtype)
+        super().__init__(name, info, owned)
+        self.stream, self.fmt = stream, fmt
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        return read_blocks(self.stream, self.fmt, frames)
+
+
+def _open(src: AudioPath) -> _Reader:
+    """Open a path, "-" or a binary file object for reading; every failure is an AudioError."""
+    if not isinstance(src, (str, os.PathLike)):
+        return _open_stream(_name(src), src, owned=None)
+    name, path = _name(src), os.fspath(src)
+    if path == STDIO:
+        return _open_stream(name, sys.stdin.buffer, owned=None)
+    if not os.path.exists(path):
+        raise AudioError(f"{name}: no such file")
+    if os.path.isdir(path):
+        raise AudioError(f"{name}: is a directory, not an audio file")
+    try:
+        file = open(path, "rb")  # the reader owns and closes it
+    except OSError as e:
+        raise AudioError(f"{name}: cannot open ({e.strerror})") from e
+    try:
+        return _open_stream(name, file, owned=file)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _open_stream(name: str, stream: BinaryIO, owned: BinaryIO | None) -> _Reader:
+    if not _seekable(stream):
+        return _open_pipe(name, stream, owned)
+    start = stream.tell()
+    reader = _SoundFileReader(name, stream, owned=None)
+    if reader.info.format == "WAV" and reader.info.frames == 0:
+        # libsndfile trusts a data size of 0, which is also what some streaming writers leave in a file:
+        # parse it here, which reads to the end of the file.
+        reader.close()
+        stream.seek(start)
+        return _open_pipe(name, stream, owned)
+    reader.owned = owned
+    return reader
+
+
+def _open_pipe(name: str, stream: BinaryIO, owned: BinaryIO | None) -> _Reader:
+    """Read WAV PCM/float here; spool anything else to a temporary file for libsndfile."""
+    consumed = [read_upto(stream, 12)]
+    head = consumed[0]
+    if is_wav(head):
+        fmt = parse_header(name, stream, consumed)
+        if fmt is not None:
+            if fmt.data_bytes is None and _seekable(stream):  # a file, not a pipe: the data runs to its end
+                here = stream.tell()
+                fmt = dataclasses.replace(fmt, data_bytes=stream.seek(0, os.SEEK_END) - here)
+                stream.seek(here)
+            return _WavStreamReader(name, stream, fmt, owned=owned)
+    if not head:
+        raise AudioError(f"{name}: is empty (no data at all)")
+    spool = tempfile.TemporaryFile()  # the reader owns and closes it
+    try:
+        spool.writelines(consumed)
+        shutil.copyfileobj(stream, spool)
+        spool.seek(0)
+        if owned is not None:
+            owned.close()
+        return _SoundFileReader(name, spool, owned=spool)
+    except BaseException:
+        spool.close()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def output_format(dst: AudioPath, format: str | None = None) -> str:
+    """The format to write ("WAV", "FLAC" or "OGG"): `format` if given, else the suffix of `dst`.
+
+    Stdout and file objects without a known suffix get WAV; an unknown path suffix is an AudioError.
+    """
+    name = _name(dst, stdio="<stdout>")
+    if format is not None:
+        fmt = OUTPUT_FORMATS.get("." + format.lower().lstrip("."))
+        if fmt is None:
+            raise AudioError(f"{name}: unsupported output format {format!r} (use wav, flac or ogg)")
+        return fmt
+    if isinstance(dst, (str, os.PathLike)) and os.fspath(dst) != STDIO:
+        suffix = Path(dst).suffix.lower()
+        if suffix not in OUTPUT_FORMATS:
+            raise AudioError(f"{name}: unsupported output format '{suffix}' (use .wav, .flac or .ogg)")
+        return OUTPUT_FORMATS[suffix]
+    return OUTPUT_FORMATS.get(Path(name).suffix.lower(), "WAV")
+
+
+def write_audio(dst: AudioPath, audio: np.ndarray, sample_rate: int, format: str | None = None) -> None:
+    """Write float [T] (mono) or [T, C] at `sample_rate` Hz; a path only appears once fully written."""
+    audio = np.asarray(audio)
+    with AudioWriter(dst, sample_rate, format, channels=audio.shape[1] if audio.ndim == 2 else 1) as writer:
+        writer.write(audio)
+
+
+class AudioWriter:
+    """Write audio block by block to a path, "-" (stdout) or a binary file object.
+
+    Blocks are float [n] (mono) or [n, channels] at `sample_rate` Hz, nominally in [-1, 1]. A path is
+    written atomically (`fsutil.atomic_output`): it appears when `close()` finishes, and leaving a `with`
+    block through an exception discards it. File objects and stdout are flushed, never closed.
+    """
+
+    def __init__(
+        self, dst: AudioPath, sample_rate: int, format: str | None = None, channels: int = 1
+    ) -> None:
+        self.name = _name(dst, stdio="<stdout>")
+        self.format = output_format(dst, format)
+        self.subtype = OUTPUT_SUBTYPES[self.format]
+        self.sample_rate, self.channels, self.frames = sample_rate, channels, 0
+        self._stack = contextlib.ExitStack()
+        self._sf: sf.SoundFile | None = None
+        self._spool: BinaryIO | None = None
+        self._closed = False
+        try:
+            if isinstance(dst, (str, os.PathLike)):
+                dst = self._stack.enter_context(atomic_output(dst))
+            self._stream = dst
+            if not _seekable(dst) and self.format == "WAV":
+                dst.write(stream_header(sample_rate, channels))
+            else:
+                target = dst
+                if not _seekable(dst):  # libsndfile seeks back to finish FLAC/Ogg headers
+                    target = self._spool = self._stack.enter_context(tempfile.TemporaryFile())
+                self._sf = sf.SoundFile(target, "w", sample_rate, channels, self.subtype, format=self.format)
+        except sf.SoundFileError as e:
+            self._abort(type(e), e, e.__traceback__)
+            raise AudioError(f"{self.name}: cannot write {self.format} ({_reason(e)})") from e
+        except BaseException as e:
+            self._abort(type(e), e, e.__traceback__)
+            raise
+
+    def write(self, block: np.ndarray) -> None:
+        """Append float [n] or [n, channels] samples."""
+        if self._closed:
+            raise ValueError(f"{self.name}: writer is closed")
+        x = np.asarray(block)
+        if x.ndim == 1 and self.channels == 1:
+            x = x[:, None]
+        if x.ndim != 2 or x.shape[1] != self.channels:
+            raise ValueError(f"expected audio [n] or [n, {self.channels}], got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise AudioError(f"{self.name}: refusing to write NaN or infinite samples")
+        if self.subtype == "PCM_16":  # quantise here so WAV, FLAC and the pipe header path agree
+            samples = np.clip(np.rint(x * 32768.0), -32768, 32767).astype("<i2")
+        else:
+            samples = np.clip(x, -1.0, 1.0).astype(np.float32)
+        if self._sf is None:
+            self._stream.write(samples.tobytes())
+        else:
+            try:
+                self._sf.write(samples)
+            except sf.SoundFileError as e:
+                raise AudioError(f"{self.name}: cannot write {self.format} ({_reason(e)})") from e
+        self.frames += len(x)
+
+    def close(self) -> None:
+        """Finish the file (headers, spool copy, atomic rename). Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            if self._sf is not None:
+                self._sf.close()
+            if self._spool is not None:
+                self._spool.seek(0)
+                shutil.copyfileobj(self._spool, self._stream)
+            self._stream.flush()
+        except BaseException as e:
+            self._abort(type(e), e, e.__traceback__)
+            raise
+        self._closed = True
+        self._stack.close()
+
+    def _abort(self, *exc_info) -> None:
+        """Stop after a failure: a path being written is discarded."""
+        self._closed = True
+        if self._sf is not None:
+            with contextlib.suppress(Exception):
+                self._sf.close()
+        self._stack.__exit__(*exc_info)
+
+    def __enter__(self) -> AudioWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif not self._closed:
+            self._abort(exc_type, exc, tb)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _name(src: AudioPath, stdio: str = "<stdin>") -> str:
+    """How messages name an input or output."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        return stdio if path == STDIO else str(path)
+    name = getattr(src, "name", None)
+    return name if isinstance(name, str) else "<stream>"
+
+
+def _seekable(stream: BinaryIO) -> bool:
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _reason(e: Exception) -> str:
+    """libsndfile's own words for an error, without soundfile's 'Error opening ...' prefix."""
+    return str(getattr(e, "error_string", None) or e).strip().rstrip(".")

@@ -1,0 +1,94 @@
+"""Safe output files: atomic replace-on-success writing and the pre-flight check of an output path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import OutputError
+
+STDIO = "-"  # the path that means stdout (for outputs) or stdin (for inputs)
+
+
+def check_output_path(path: str | os.PathLike[str], force: bool = False) -> None:
+    """Refuse an output path before any work is done.
+
+    Raises `OutputError` when `path` is a folder, when its parent folder does not exist, or when it
+    exists and `force` is False. `"-"` (stdout) always passes.
+    """
+    if os.fspath(path) == STDIO:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a directory, not a file")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target}: folder '{target.parent}' does not exist")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise OutputError(f"{target} exists; use --force to overwrite")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open `path` for binary writing so that it only ever holds complete output.
+
+    Bytes go to a hidden temporary file next to `path` (`.name.XXXXXXXX.tmp`, same folder so the final
+    rename stays on one file system). When the block ends normally the temporary file is flushed,
+    fsynced and renamed over `path` with `os.replace` (atomic on POSIX and Windows). When it ends by any
+    exception, KeyboardInterrupt included, the temporary file is removed, the exception propagates and
+    an existing file at `path` is left exactly as it was. `"-"` yields `sys.stdout.buffer` (no temporary
+    file; flushed at the end, never closed).
+    """
+    if os.fspath(path) == STDIO:
+        stdout = sys.stdout.buffer
+        yield stdout
+        stdout.flush()
+        return
+    target = Path(path)
+    fd, temp = _create_temp(target)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_folder(target.parent)
+
+
+def _create_temp(target: Path) -> tuple[int, Path]:
+    """Create a new, empty, hidden file beside `target`; return its descriptor and path.
+
+    Created with mode 0o666 so the process umask decides the final permissions, as for a plain `open`
+    (mkstemp would leave every output at 0o600).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(temp, flags, 0o666), temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {target}")  # pragma: no cover
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist the rename itself (POSIX); silently skipped where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
