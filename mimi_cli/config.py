@@ -29,6 +29,15 @@ FIXED_CHOICES: dict[str, Any] = {
 }
 
 
+def codebooks_for_bitrate(kbps: float) -> int:
+    """The most codebooks whose bitrate (137.5 bps each) fits in `kbps`, at most 32."""
+    count = math.floor(kbps * 1000 / BITRATE_PER_CODEBOOK + 1e-9)
+    if count < 1:
+        one = BITRATE_PER_CODEBOOK / 1000
+        raise ValueError(f"bitrate {kbps:g} kbps is below one codebook ({one:g} kbps)")
+    return min(count, MAX_CODEBOOKS)
+
+
 @dataclass(frozen=True)
 class MimiConfig:
     """Hyper-parameters of Mimi; defaults are the released `kyutai/mimi` model.

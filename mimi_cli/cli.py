@@ -1,0 +1,331 @@
+"""The `mimi` command: a typer app that wraps the library and turns its errors into exit codes.
+
+Heavy modules (torch, the model, audio I/O) are imported inside the commands, so that
+`mimi --help` and `mimi info` answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .config import BITRATE_PER_CODEBOOK, DEFAULT_CODEBOOKS, MAX_CODEBOOKS, codebooks_for_bitrate
+from .errors import MimiError
+
+if TYPE_CHECKING:
+    from .codec import Progress, Summary
+    from .model import MimiModel
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+STDIO = "-"
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Mimi neural audio codec: speech to a tiny .mimi file and back (1.1–4.4 kbps).",
+)
+
+InputArg = Annotated[str, typer.Argument(help="Input file, or - for standard input.", show_default=False)]
+OutputArg = Annotated[str, typer.Argument(help="Output file, or - for standard output.", show_default=False)]
+CodebooksOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--codebooks", "-k", help=f"Codebooks, 1–{MAX_CODEBOOKS} (137.5 bps each).", show_default=False
+    ),
+]
+BitrateOpt = Annotated[
+    float | None,
+    typer.Option("--bitrate", "-b", help="Target kbps: the most codebooks that fit.", show_default=False),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, or bfloat16/float16 on CUDA.")]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        "-w",
+        help="Hub repo id, folder or .safetensors file [default: $MIMI_WEIGHTS or kyutai/mimi].",
+        show_default=False,
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output if it exists.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+
+
+def main() -> None:
+    """Entry point of the `mimi` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn library errors into one red line and an exit code; MIMI_DEBUG=1 shows tracebacks."""
+    try:
+        yield
+    except (MimiError, ValueError, OSError) as e:
+        if os.environ.get("MIMI_DEBUG"):
+            traceback.print_exc()
+        stderr.print(f"[red]error:[/red] {_one_line(e)}", soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # a bug: still one line, unless debugging
+        if os.environ.get("MIMI_DEBUG"):
+            raise
+        stderr.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {_one_line(e)} (MIMI_DEBUG=1 for details)"
+        )
+        raise typer.Exit(1) from None
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename or ''}: {error.strerror}".lstrip(": ")
+    return " ".join(str(error).split())
+
+
+def _choose_codebooks(codebooks: int | None, bitrate: float | None, quiet: bool) -> int:
+    if codebooks is not None and bitrate is not None:
+        raise ValueError("--codebooks and --bitrate are mutually exclusive")
+    if bitrate is not None:
+        chosen = codebooks_for_bitrate(bitrate)
+        if not quiet:
+            kbps = chosen * BITRATE_PER_CODEBOOK / 1000
+            stderr.print(f"--bitrate {bitrate:g} kbps → {chosen} codebooks ({kbps:.4g} kbps)")
+        return chosen
+    chosen = DEFAULT_CODEBOOKS if codebooks is None else codebooks
+    if not 1 <= chosen <= MAX_CODEBOOKS:
+        raise ValueError(f"--codebooks must be in 1..{MAX_CODEBOOKS}, got {chosen}")
+    return chosen
+
+
+def _check_paths(src: str, dst: str, force: bool) -> None:
+    from .fsutil import check_output_path
+
+    if src != STDIO and dst != STDIO and Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"{dst}: output would overwrite the input")
+    check_output_path(dst, force)
+
+
+def _load(weights: str | None, device: str, dtype: str) -> MimiModel:
+    from .device import resolve_device, resolve_dtype
+    from .weights import load_model
+
+    torch_device = resolve_device(device)  # a bad device fails before the weights are read
+    return load_model(weights, torch_device, resolve_dtype(dtype, torch_device))
+
+
+@contextmanager
+def _progress(enabled: bool, label: str) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr (audio time, × real time, ETA) when stderr is a terminal."""
+    if not enabled or not stderr.is_terminal:
+        yield None
+        return
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    started = time.perf_counter()
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.fields[audio]}"),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(label, total=None, audio="", speed="")
+
+        def update(done: float, total: float | None) -> None:
+            speed = done / max(time.perf_counter() - started, 1e-9)
+            audio = f"{done:.0f}/{total:.0f} s" if total else f"{done:.0f} s"
+            bar.update(task, completed=done, total=total, audio=audio, speed=f"{speed:.1f}× real time")
+
+        yield update
+
+
+def _report(summary: Summary, quiet: bool, as_json: bool, data_on_stdout: bool) -> None:
+    if as_json:
+        text = json.dumps(summary.as_dict())
+        (stderr if data_on_stdout else stdout).print(text, soft_wrap=True, markup=False)
+    elif not quiet:
+        stderr.print(
+            f"{summary.output}: {summary.duration:.2f} s, {summary.codebooks} codebooks, "
+            f"{summary.kbps:g} kbps, {summary.container_bytes:,} bytes, "
+            f"{summary.compression_ratio:.0f}:1 vs 16-bit PCM, "
+            f"{summary.realtime_factor:.1f}× real time",
+            soft_wrap=True,
+            markup=False,
+        )
+
+
+@app.command()
+def encode(
+    input: InputArg,
+    output: OutputArg,
+    codebooks: CodebooksOpt = None,
+    bitrate: BitrateOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    weights: WeightsOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode audio (wav, flac, ogg, mp3, …; any rate and channels) into a .mimi file."""
+    with _errors():
+        k = _choose_codebooks(codebooks, bitrate, quiet or as_json)
+        _check_paths(input, output, force)
+        if input != STDIO:
+            from .audio import probe
+
+            probe(input)  # a bad input fails before the weights are loaded
+        model = _load(weights, device, dtype)
+        from .codec import encode_file
+
+        with _progress(not quiet, "encoding") as progress:
+            summary = encode_file(model, input, output, k, progress=progress)
+        _report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+
+
+@app.command()
+def decode(
+    input: InputArg,
+    output: OutputArg,
+    sample_rate: Annotated[
+        str, typer.Option("--sample-rate", "-r", help="24000 (the model's), 'original', or a rate in Hz.")
+    ] = "24000",
+    codebooks: Annotated[
+        int | None,
+        typer.Option(
+            "--codebooks", "-k", help="Decode with only the first K stored codebooks.", show_default=False
+        ),
+    ] = None,
+    audio_format: Annotated[
+        str | None,
+        typer.Option("--format", help="wav, flac or ogg [default: from the suffix; wav on stdout]"),
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    weights: WeightsOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Overwrite the output; decode even with other weights.")
+    ] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode a .mimi file to audio (WAV, or FLAC/OGG by the output's suffix)."""
+    with _errors():
+        rate: int | str = sample_rate if sample_rate == "original" else _parse_rate(sample_rate)
+        _check_paths(input, output, force)
+        from .audio import output_format
+
+        output_format(output, audio_format)  # an unsupported format fails before any work
+        if input != STDIO:
+            from .codec import read_info
+
+            read_info(input)  # a bad .mimi file fails before the weights are loaded
+        model = _load(weights, device, dtype)
+        from .codec import decode_file
+
+        with _progress(not quiet, "decoding") as progress:
+            summary = decode_file(model, input, output, rate, codebooks, audio_format, force, progress)
+        _report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+
+
+def _parse_rate(text: str) -> int:
+    if not text.isdigit() or not 1000 <= int(text) <= 768_000:
+        raise ValueError(f"--sample-rate must be 'original' or a rate in Hz (1000..768000), got {text!r}")
+    return int(text)
+
+
+@app.command()
+def info(
+    file: Annotated[str, typer.Argument(help=".mimi file, or - for standard input.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a .mimi file's header: codebooks, bitrate, duration, original format. Loads no weights."""
+    with _errors():
+        from .codec import read_info
+
+        header, size = read_info(file)
+        fields = _info_fields(header, size)
+        if as_json:
+            stdout.print(json.dumps(fields), soft_wrap=True, markup=False)
+            return
+        width = max(map(len, fields))
+        for key, value in fields.items():
+            shown = json.dumps(value) if isinstance(value, dict) else value
+            stdout.print(f"{key.replace('_', ' '):<{width}}  {shown}", markup=False, soft_wrap=True)
+
+
+def _info_fields(header: Any, size: int) -> dict[str, Any]:
+    from .container import FORMAT_VERSION
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "codebooks": header.num_codebooks,
+        "bits_per_code": header.bits_per_code,
+        "bitrate_kbps": header.bitrate / 1000,
+        "frames": header.num_frames,
+        "frame_size": header.frame_size,
+        "sample_rate": header.sample_rate,
+        "duration_seconds": round(header.duration, 6) if header.duration is not None else None,
+        "original_sample_rate": header.original_sample_rate,
+        "original_channels": header.original_channels,
+        "original_length": header.original_length,
+        "fingerprint": header.fingerprint.hex(),
+        "metadata": header.metadata,
+        "size_bytes": size,
+    }
+
+
+@app.command()
+def codes(
+    file: Annotated[str, typer.Argument(help=".mimi file, or - for standard input.", show_default=False)],
+    output: Annotated[str, typer.Argument(help="Output .npy file.", show_default=False)],
+    force: ForceOpt = False,
+) -> None:
+    """Export the codes as a NumPy int16 array \\[codebooks, frames] (.npy)."""
+    with _errors():
+        _check_paths(file, output, force)
+        from .codec import export_codes
+
+        header = export_codes(file, output)
+        stderr.print(f"{output}: int16 [{header.num_codebooks}, {header.num_frames}]", markup=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"mimi-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Mimi neural audio codec: speech to a tiny .mimi file and back (1.1–4.4 kbps)."""

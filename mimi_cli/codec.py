@@ -1,0 +1,351 @@
+"""Files and streams through the model: audio file → .mimi container and back, chunk by chunk.
+
+The only module that knows both the model and the container. Memory stays flat whatever the
+length: audio is read, resampled, encoded and written in chunks; decoding likewise. torch is
+imported by the functions that run the model only, so `export_codes` and `read_info` stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+import soxr
+
+from . import __version__
+from .audio import RESAMPLE_QUALITY, AudioWriter, resampled_length, stream_audio
+from .config import BITRATE_PER_CODEBOOK, SAMPLE_RATE
+from .container import ContainerReader, ContainerWriter, Header, read_codes
+from .errors import FormatError, MimiError, WeightsError
+from .fsutil import STDIO, atomic_output
+
+if TYPE_CHECKING:
+    from .model import MimiModel
+
+Progress = Callable[[float, float | None], None]
+"""Called with (seconds of audio done, total seconds or None when unknown)."""
+
+CHUNK_SECONDS = 10.0  # audio per model call when streaming: large enough for efficient kernels
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one encode or decode did, for the one-line summary and `--json`."""
+
+    input: str
+    output: str
+    duration: float  # seconds of audio
+    codebooks: int
+    frames: int
+    container_bytes: int  # size of the .mimi data
+    pcm_bytes: int  # size of the input as 16-bit PCM at its own rate and channel count
+    seconds: float  # wall time of the work, weights loading excluded
+
+    @property
+    def kbps(self) -> float:
+        return round(self.codebooks * BITRATE_PER_CODEBOOK / 1000, 4)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.pcm_bytes / self.container_bytes if self.container_bytes else 0.0
+
+    @property
+    def realtime_factor(self) -> float:
+        return self.duration / self.seconds if self.seconds > 0 else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "kbps": self.kbps,
+            "compression_ratio": round(self.compression_ratio, 2),
+            "realtime_factor": round(self.realtime_factor, 2),
+        }
+
+
+def encode_file(
+    model: MimiModel,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    num_codebooks: int,
+    progress: Progress | None = None,
+    chunk_seconds: float = CHUNK_SECONDS,
+) -> Summary:
+    """Encode an audio file (or "-" for stdin) into a .mimi file (or "-" for stdout).
+
+    Any rate and channel count: channels are averaged, audio resampled to 24 kHz as a stream,
+    encoded `chunk_seconds` at a time with carried state (codes equal to a whole-file pass), and
+    the codes appended to the container as they come. A path output appears only when complete.
+    """
+    import torch
+
+    started = time.perf_counter()
+    info, blocks = stream_audio(src)
+    name = _display_name(src, "<stdin>")
+    header = Header(
+        num_codebooks=num_codebooks,
+        num_frames=None,
+        original_sample_rate=info.sample_rate,
+        original_channels=info.channels,
+        original_length=None,
+        fingerprint=model.fingerprint,
+        metadata={"tool": f"mimi-cli {__version__}", "source": Path(name).name},
+    )
+    from .model import StreamingEncoder
+
+    encoder = StreamingEncoder(model, num_codebooks)
+    total = info.duration
+    chunk = max(1, round(chunk_seconds * SAMPLE_RATE))
+    with atomic_output(dst) as out:
+        sink = _CountingPipe(out) if os.fspath(dst) == STDIO else out
+        writer = ContainerWriter(sink, header)
+        done = 0
+        for piece in _rechunk(blocks, chunk):
+            codes = encoder.push(torch.from_numpy(piece)[None, None])
+            writer.write(codes[0].cpu().numpy())
+            done += len(piece)
+            if progress:
+                progress(done / SAMPLE_RATE, total)
+        writer.write(encoder.finish()[0].cpu().numpy())
+        final = writer.close(original_length=blocks.frames_read)
+    return Summary(
+        input=name,
+        output=_display_name(dst, "<stdout>"),
+        duration=blocks.frames_read / info.sample_rate,
+        codebooks=num_codebooks,
+        frames=final.num_frames or 0,
+        container_bytes=sink.count if isinstance(sink, _CountingPipe) else os.path.getsize(dst),
+        pcm_bytes=blocks.frames_read * info.channels * 2,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def decode_file(
+    model: MimiModel,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    sample_rate: int | str | None = None,
+    num_codebooks: int | None = None,
+    audio_format: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Summary:
+    """Decode a .mimi file (or "-" for stdin) to WAV/FLAC/OGG (or "-" for WAV on stdout).
+
+    `sample_rate`: None for 24 kHz, "original" for the input's rate (with its exact length
+    restored), or a rate in Hz. `num_codebooks` decodes only the first K stored codebooks.
+    A file encoded with other weights is refused unless `force`.
+    """
+    import torch
+
+    from .model import StreamingDecoder
+
+    started = time.perf_counter()
+    name = _display_name(src, "<stdin>")
+    with _input(src) as raw:
+        reader = _read_or_explain(lambda: ContainerReader(raw), name)
+        header = reader.header
+        check_fingerprint(header, model, name, force)
+        codebooks = header.num_codebooks if num_codebooks is None else num_codebooks
+        if not 1 <= codebooks <= header.num_codebooks:
+            raise MimiError(f"{name}: holds {header.num_codebooks} codebooks; cannot decode with {codebooks}")
+        rate = _output_rate(sample_rate, header)
+        decoder = StreamingDecoder(model)
+        trimmer = _TrimmedOutput(rate)
+        with AudioWriter(dst, rate, audio_format) as writer:
+            done = 0
+            for codes in _checked_chunks(reader, name):
+                audio = decoder.push(torch.from_numpy(codes[:codebooks])[None])
+                for block in trimmer.push(audio[0, 0].float().cpu().numpy()):
+                    writer.write(block)
+                done += codes.shape[1]
+                if progress:
+                    progress(done / header.frame_rate, header.duration)
+            final = reader.header  # totals known now, also for a streamed file
+            for block in trimmer.finish(_output_length(final, rate)):
+                writer.write(block)
+    return Summary(
+        input=name,
+        output=_display_name(dst, "<stdout>"),
+        duration=final.duration or 0.0,
+        codebooks=codebooks,
+        frames=final.num_frames or 0,
+        container_bytes=raw.count if isinstance(raw, _CountingPipe) else os.path.getsize(src),
+        pcm_bytes=(final.original_length or 0) * final.original_channels * 2,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def check_fingerprint(header: Header, model: MimiModel, name: str, force: bool) -> None:
+    """Refuse codes made with other weights: they would decode to noise, silently."""
+    if header.fingerprint != model.fingerprint and not force:
+        raise WeightsError(
+            f"{name}: encoded with other model weights (fingerprint {header.fingerprint.hex()}, "
+            f"loaded {model.fingerprint.hex()} from {model.source}); pass the same --weights, or --force"
+        )
+
+
+def read_info(src: str | os.PathLike[str]) -> tuple[Header, int]:
+    """(header with totals, size in bytes) of a .mimi file, reading no codes and no weights."""
+    from .container import read_header
+
+    name = _display_name(src, "<stdin>")
+    with _input(src) as raw:
+        header = _read_or_explain(lambda: read_header(raw), name)
+    return header, (0 if os.fspath(src) == STDIO else os.path.getsize(src))
+
+
+def export_codes(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Header:
+    """Write the codes of a .mimi file as a .npy int16 array [codebooks, frames]."""
+    name = _display_name(src, "<stdin>")
+    with _input(src) as raw:
+        header, codes = _read_or_explain(lambda: read_codes(raw), name)
+    with atomic_output(dst) as out:
+        np.save(out, codes.astype(np.int16), allow_pickle=False)
+    return header
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _rechunk(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Regroup blocks of any size into blocks of `size` samples (the last one shorter)."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for block in blocks:
+        pending.append(block)
+        count += len(block)
+        while count >= size:
+            joined = np.concatenate(pending)
+            yield joined[:size]
+            rest = joined[size:]
+            pending, count = ([rest] if len(rest) else []), len(rest)
+    if count:
+        yield np.concatenate(pending)
+
+
+class _TrimmedOutput:
+    """Resamples decoded 24 kHz audio to `rate` as a stream and emits exactly the requested length.
+
+    The length is known only at the end (a piped .mimi file carries it last), so the final
+    `holdback` samples are held until `finish`, which cuts or zero-pads to the exact length.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.resampler = None
+        if rate != SAMPLE_RATE:
+            self.resampler = soxr.ResampleStream(
+                SAMPLE_RATE, rate, 1, dtype="float32", quality=RESAMPLE_QUALITY
+            )
+        self.holdback = 2 * (2048 * rate // SAMPLE_RATE + 64)  # more than one frame, resampled
+        self.pending = np.zeros(0, np.float32)
+        self.emitted = 0
+
+    def push(self, audio: np.ndarray, last: bool = False) -> list[np.ndarray]:
+        if self.resampler is not None:
+            audio = self.resampler.resample_chunk(audio, last=last)
+        self.pending = np.concatenate([self.pending, audio]) if len(self.pending) else audio
+        ready = len(self.pending) - self.holdback
+        if ready <= 0:
+            return []
+        out, self.pending = self.pending[:ready], self.pending[ready:]
+        self.emitted += ready
+        return [out]
+
+    def finish(self, length: int) -> list[np.ndarray]:
+        """The remaining blocks, cut or zero-padded so that `length` samples are written in all."""
+        out = self.push(np.zeros(0, np.float32), last=True) if self.resampler is not None else []
+        assert length >= self.emitted, "the held-back tail is longer than any trimming"
+        wanted = length - self.emitted
+        tail = self.pending[:wanted]
+        if len(tail) < wanted:  # at most a sample or two of resampling rounding
+            tail = np.concatenate([tail, np.zeros(wanted - len(tail), np.float32)])
+        return [*out, tail] if wanted else out
+
+
+def _output_rate(sample_rate: int | str | None, header: Header) -> int:
+    if sample_rate is None:
+        return SAMPLE_RATE
+    if sample_rate == "original":
+        return header.original_sample_rate
+    rate = int(sample_rate)
+    if not 1000 <= rate <= 768_000:
+        raise ValueError(f"sample rate must be 'original' or 1000..768000 Hz, got {sample_rate}")
+    return rate
+
+
+def _output_length(header: Header, rate: int) -> int:
+    """Samples to write at `rate`: the original length exactly at the original rate."""
+    original = header.original_length or 0
+    if rate == header.original_sample_rate:
+        return original
+    samples_24k = resampled_length(original, header.original_sample_rate, SAMPLE_RATE)
+    return resampled_length(samples_24k, SAMPLE_RATE, rate)
+
+
+def _checked_chunks(reader: ContainerReader, name: str) -> Iterator[np.ndarray]:
+    chunks = reader.chunks()
+    while True:
+        chunk = _read_or_explain(lambda: next(chunks, None), name)
+        if chunk is None:
+            return
+        yield chunk
+
+
+def _read_or_explain(read: Callable[[], Any], name: str) -> Any:
+    """Run a container read; name the file in a FormatError (the container module does not know it)."""
+    try:
+        return read()
+    except FormatError as e:
+        raise FormatError(f"{name}: not a valid .mimi file ({e})") from e
+
+
+@contextlib.contextmanager
+def _input(src: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    if os.fspath(src) == STDIO:
+        yield _CountingPipe(sys.stdin.buffer)  # type: ignore[misc]
+        return
+    path = Path(src)
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory, not a .mimi file")
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError as e:
+        raise FormatError(f"{path}: no such file") from e
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from e
+    with handle:
+        yield handle
+
+
+def _display_name(path: str | os.PathLike[str], stdio: str) -> str:
+    return stdio if os.fspath(path) == STDIO else os.fspath(path)
+
+
+class _CountingPipe:
+    """A non-seekable pass-through over stdin or stdout that counts the bytes it moves."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.count += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        self.raw.flush()
