@@ -21,7 +21,7 @@ import soxr
 
 from . import __version__
 from .audio import RESAMPLE_QUALITY, AudioWriter, resampled_length, stream_audio
-from .config import BITRATE_PER_CODEBOOK, SAMPLE_RATE
+from .config import BITRATE_PER_CODEBOOK, FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .container import ContainerReader, ContainerWriter, Header, read_codes
 from .errors import FormatError, MimiError, WeightsError
 from .fsutil import STDIO, atomic_output
@@ -80,8 +80,11 @@ def encode_file(
     """Encode an audio file (or "-" for stdin) into a .mimi file (or "-" for stdout).
 
     Any rate and channel count: channels are averaged, audio resampled to 24 kHz as a stream,
-    encoded `chunk_seconds` at a time with carried state (codes equal to a whole-file pass), and
-    the codes appended to the container as they come. A path output appears only when complete.
+    encoded `chunk_seconds` at a time with carried state, and the codes appended to the container
+    as they come. A path output appears only when complete.
+
+    The last partial frame is completed with silence (as Kyutai's streaming does), so the codes
+    are those of `model.encode(whole_frames(audio))` whatever the chunking or batching.
     """
     import torch
 
@@ -101,18 +104,18 @@ def encode_file(
 
     encoder = StreamingEncoder(model, num_codebooks)
     total = info.duration
-    chunk = max(1, round(chunk_seconds * SAMPLE_RATE))
+    chunk = max(1, round(chunk_seconds * FRAME_RATE)) * FRAME_SIZE
     with atomic_output(dst) as out:
         sink = _CountingPipe(out) if os.fspath(dst) == STDIO else out
         writer = ContainerWriter(sink, header)
         done = 0
-        for piece in _rechunk(blocks, chunk):
+        for piece in _rechunk(blocks, chunk, pad_to=FRAME_SIZE):
             codes = encoder.push(torch.from_numpy(piece)[None, None])
             writer.write(codes[0].cpu().numpy())
             done += len(piece)
             if progress:
-                progress(done / SAMPLE_RATE, total)
-        writer.write(encoder.finish()[0].cpu().numpy())
+                progress(min(done / SAMPLE_RATE, blocks.frames_read / info.sample_rate), total)
+        writer.write(encoder.finish()[0].cpu().numpy())  # whole frames: no end padding left to add
         final = writer.close(original_length=blocks.frames_read)
     return Summary(
         input=name,
@@ -214,8 +217,14 @@ def export_codes(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> He
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _rechunk(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    """Regroup blocks of any size into blocks of `size` samples (the last one shorter)."""
+def whole_frames(audio: np.ndarray) -> np.ndarray:
+    """audio [T] zero-padded at the end to a whole number of frames (how files are encoded)."""
+    return np.pad(audio, (0, -len(audio) % FRAME_SIZE))
+
+
+def _rechunk(blocks: Iterator[np.ndarray], size: int, pad_to: int) -> Iterator[np.ndarray]:
+    """Regroup blocks of any size into blocks of `size` samples; the last, shorter one is
+    zero-padded to a multiple of `pad_to`."""
     pending: list[np.ndarray] = []
     count = 0
     for block in blocks:
@@ -227,7 +236,8 @@ def _rechunk(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
             rest = joined[size:]
             pending, count = ([rest] if len(rest) else []), len(rest)
     if count:
-        yield np.concatenate(pending)
+        last = np.concatenate(pending)
+        yield np.pad(last, (0, -len(last) % pad_to))
 
 
 class _TrimmedOutput:
