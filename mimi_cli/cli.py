@@ -66,6 +66,24 @@ WeightsOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output if it exists.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+GlobOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--glob", help="Folders: files to take (pattern on the relative path or name).", show_default=False
+    ),
+]
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", "-j", help="Folders: reading/writing workers (1 = sequential).")
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Folders: files per forward pass [default: 8 on CUDA, 1 on CPU].",
+        show_default=False,
+    ),
+]
+DEFAULT_JOBS = min(4, os.cpu_count() or 1)
 
 
 def main() -> None:
@@ -82,6 +100,8 @@ def _errors() -> Iterator[None]:
     """Turn library errors into one red line and an exit code; MIMI_DEBUG=1 shows tracebacks."""
     try:
         yield
+    except typer.Exit:
+        raise
     except (MimiError, ValueError, OSError) as e:
         if os.environ.get("MIMI_DEBUG"):
             traceback.print_exc()
@@ -192,10 +212,34 @@ def encode(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    glob: GlobOpt = None,
+    jobs: JobsOpt = DEFAULT_JOBS,
+    batch_size: BatchSizeOpt = None,
 ) -> None:
-    """Encode audio (wav, flac, ogg, mp3, …; any rate and channels) into a .mimi file."""
+    """Encode audio (wav, flac, ogg, mp3, …; any rate and channels) into a .mimi file.
+
+    With folders (IN_DIR OUT_DIR), encodes every audio file below IN_DIR into the same tree under
+    OUT_DIR, skipping outputs that are complete and up to date, and writes OUT_DIR/manifest.jsonl.
+    """
     with _errors():
         k = _choose_codebooks(codebooks, bitrate, quiet or as_json)
+        if Path(input).is_dir():
+            _batch(
+                "encode",
+                input,
+                output,
+                weights,
+                device,
+                dtype,
+                force,
+                quiet,
+                as_json,
+                glob,
+                jobs,
+                batch_size,
+                k,
+            )
+            return
         _check_paths(input, output, force)
         if input != STDIO:
             from .audio import probe
@@ -234,10 +278,37 @@ def decode(
     ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    glob: GlobOpt = None,
+    jobs: JobsOpt = DEFAULT_JOBS,
+    batch_size: BatchSizeOpt = None,
 ) -> None:
-    """Decode a .mimi file to audio (WAV, or FLAC/OGG by the output's suffix)."""
+    """Decode a .mimi file to audio (WAV, or FLAC/OGG by the output's suffix).
+
+    With folders (IN_DIR OUT_DIR), decodes every .mimi file below IN_DIR into the same tree under
+    OUT_DIR (.wav, or --format flac/ogg), skipping complete outputs, and writes a manifest.
+    """
     with _errors():
         rate: int | str = sample_rate if sample_rate == "original" else _parse_rate(sample_rate)
+        if codebooks is not None and Path(input).is_dir():
+            raise ValueError("--codebooks is not supported for folders")
+        if Path(input).is_dir():
+            extra = {"rate": rate, "audio_format": audio_format}
+            _batch(
+                "decode",
+                input,
+                output,
+                weights,
+                device,
+                dtype,
+                force,
+                quiet,
+                as_json,
+                glob,
+                jobs,
+                batch_size,
+                extra,
+            )
+            return
         _check_paths(input, output, force)
         from .audio import output_format
 
@@ -252,6 +323,106 @@ def decode(
         with _progress(not quiet, "decoding") as progress:
             summary = decode_file(model, input, output, rate, codebooks, audio_format, force, progress)
         _report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+
+
+def _batch(
+    kind: str,
+    input: str,
+    output: str,
+    weights: str | None,
+    device: str,
+    dtype: str,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+    glob: str | None,
+    jobs: int,
+    batch_size: int | None,
+    options: Any,
+) -> None:
+    """Convert a folder; exit 1 when any file failed."""
+    from . import batch
+
+    in_dir, out_dir = Path(input), Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder (IN is a folder, so OUT must be one)")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    suffix = ".mimi" if kind == "encode" else batch.decoded_suffix(options["audio_format"])
+    planned = batch.plan(in_dir, out_dir, suffix, glob)
+    model = _load(weights, device, dtype)
+    size = batch_size or (8 if model.device.type == "cuda" else 1)
+    if size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {size}")
+    with _batch_progress(not quiet and not as_json, len(planned)) as progress:
+        if kind == "encode":
+            report = batch.encode_batch(model, planned, options, force, jobs, size, progress)
+        else:
+            rate, audio_format = options["rate"], options["audio_format"]
+            report = batch.decode_batch(model, planned, rate, audio_format, force, jobs, size, progress)
+    batch.write_manifest(out_dir, report)
+    _batch_report(report, out_dir, quiet, as_json, kind)
+    if report.failures:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _batch_progress(enabled: bool, total: int) -> Iterator[Any]:
+    """One overall bar: files, audio hours, × real time, ETA (stderr, terminals only)."""
+    if not enabled or not stderr.is_terminal or not total:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("files"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, TimeRemainingColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task("files", total=total, info="")
+
+        def update(p: Any) -> None:
+            speed = p.audio_seconds / max(p.elapsed, 1e-9)
+            info = f"{p.audio_seconds / 3600:.2f} h audio, {speed:.1f}× real time"
+            bar.update(task, completed=p.files_done, info=info)
+
+        yield update
+
+
+def _batch_report(report: Any, out_dir: Path, quiet: bool, as_json: bool, kind: str) -> None:
+    audio_bytes, mimi_bytes = (report.bytes_in, report.bytes_out)[:: 1 if kind == "encode" else -1]
+    summary = {
+        "files": len(report.results),
+        "done": report.count("done"),
+        "skipped": report.count("skipped"),
+        "failed": report.count("failed"),
+        "audio_hours": round(report.audio_seconds / 3600, 4),
+        "bytes_in": report.bytes_in,
+        "bytes_out": report.bytes_out,
+        "compression_ratio": round(audio_bytes / mimi_bytes, 2) if mimi_bytes else None,
+        "seconds": round(report.seconds, 2),
+        "manifest": str(out_dir / "manifest.jsonl"),
+        "failures": [{"path": r.path, "error": r.error} for r in report.failures],
+    }
+    if as_json:
+        stdout.print(json.dumps(summary), soft_wrap=True, markup=False)
+        return
+    if report.failures:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(
+            "file", "reason", title=f"{len(report.failures)} failed", title_style="red", show_lines=False
+        )
+        for failure in report.failures:
+            table.add_row(Text(failure.path), Text(failure.error or ""))
+        stderr.print(table)
+    if not quiet or report.failures:
+        ratio = f"{summary['compression_ratio']}:1" if summary["compression_ratio"] else "-"
+        stderr.print(
+            f"{summary['files']} files: {summary['done']} done, {summary['skipped']} skipped, "
+            f"{summary['failed']} failed; {report.audio_seconds / 3600:.3f} h of audio, "
+            f"{report.bytes_in:,} → {report.bytes_out:,} bytes ({ratio}), {report.seconds:.1f} s",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _parse_rate(text: str) -> int:

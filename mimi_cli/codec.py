@@ -20,7 +20,7 @@ import numpy as np
 import soxr
 
 from . import __version__
-from .audio import RESAMPLE_QUALITY, AudioWriter, resampled_length, stream_audio
+from .audio import RESAMPLE_QUALITY, AudioInfo, AudioWriter, resampled_length, stream_audio
 from .config import BITRATE_PER_CODEBOOK, FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .container import ContainerReader, ContainerWriter, Header, read_codes
 from .errors import FormatError, MimiError, WeightsError
@@ -91,15 +91,7 @@ def encode_file(
     started = time.perf_counter()
     info, blocks = stream_audio(src)
     name = _display_name(src, "<stdin>")
-    header = Header(
-        num_codebooks=num_codebooks,
-        num_frames=None,
-        original_sample_rate=info.sample_rate,
-        original_channels=info.channels,
-        original_length=None,
-        fingerprint=model.fingerprint,
-        metadata={"tool": f"mimi-cli {__version__}", "source": Path(name).name},
-    )
+    header = new_header(info, num_codebooks, model.fingerprint, Path(name).name)
     from .model import StreamingEncoder
 
     encoder = StreamingEncoder(model, num_codebooks)
@@ -158,7 +150,7 @@ def decode_file(
         codebooks = header.num_codebooks if num_codebooks is None else num_codebooks
         if not 1 <= codebooks <= header.num_codebooks:
             raise MimiError(f"{name}: holds {header.num_codebooks} codebooks; cannot decode with {codebooks}")
-        rate = _output_rate(sample_rate, header)
+        rate = output_rate(sample_rate, header)
         decoder = StreamingDecoder(model)
         trimmer = _TrimmedOutput(rate)
         with AudioWriter(dst, rate, audio_format) as writer:
@@ -171,7 +163,7 @@ def decode_file(
                 if progress:
                     progress(done / header.frame_rate, header.duration)
             final = reader.header  # totals known now, also for a streamed file
-            for block in trimmer.finish(_output_length(final, rate)):
+            for block in trimmer.finish(output_length(final, rate)):
                 writer.write(block)
     return Summary(
         input=name,
@@ -182,6 +174,24 @@ def decode_file(
         container_bytes=raw.count if isinstance(raw, _CountingPipe) else os.path.getsize(src),
         pcm_bytes=(final.original_length or 0) * final.original_channels * 2,
         seconds=time.perf_counter() - started,
+    )
+
+
+def new_header(
+    info: AudioInfo, num_codebooks: int, fingerprint: bytes, source: str, length: int | None = None
+) -> Header:
+    """The container header for codes of the input `info` describes (`source`: its name)."""
+    frames = (
+        None if length is None else -(-resampled_length(length, info.sample_rate, SAMPLE_RATE) // FRAME_SIZE)
+    )
+    return Header(
+        num_codebooks=num_codebooks,
+        num_frames=frames,
+        original_sample_rate=info.sample_rate,
+        original_channels=info.channels,
+        original_length=length,
+        fingerprint=fingerprint,
+        metadata={"tool": f"mimi-cli {__version__}", "source": source},
     )
 
 
@@ -204,11 +214,15 @@ def read_info(src: str | os.PathLike[str]) -> tuple[Header, int]:
     return header, (0 if os.fspath(src) == STDIO else os.path.getsize(src))
 
 
+def read_container(src: str | os.PathLike[str]) -> tuple[Header, np.ndarray]:
+    """(header, codes int64 [K, frames]) of a .mimi file, every CRC checked; errors name the file."""
+    with _input(src) as raw:
+        return _read_or_explain(lambda: read_codes(raw), _display_name(src, "<stdin>"))
+
+
 def export_codes(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Header:
     """Write the codes of a .mimi file as a .npy int16 array [codebooks, frames]."""
-    name = _display_name(src, "<stdin>")
-    with _input(src) as raw:
-        header, codes = _read_or_explain(lambda: read_codes(raw), name)
+    header, codes = read_container(src)
     with atomic_output(dst) as out:
         np.save(out, codes.astype(np.int16), allow_pickle=False)
     return header
@@ -279,7 +293,16 @@ class _TrimmedOutput:
         return [*out, tail] if wanted else out
 
 
-def _output_rate(sample_rate: int | str | None, header: Header) -> int:
+def finish_audio(audio: np.ndarray, header: Header, rate: int) -> np.ndarray:
+    """Decoded 24 kHz audio [T] → float32 [output_length(header, rate)] at `rate` (whole-array twin
+    of the streamed path)."""
+    if rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, SAMPLE_RATE, rate, quality=RESAMPLE_QUALITY)
+    length = output_length(header, rate)
+    return np.pad(audio[:length], (0, max(0, length - len(audio)))).astype(np.float32, copy=False)
+
+
+def output_rate(sample_rate: int | str | None, header: Header) -> int:
     if sample_rate is None:
         return SAMPLE_RATE
     if sample_rate == "original":
@@ -290,7 +313,7 @@ def _output_rate(sample_rate: int | str | None, header: Header) -> int:
     return rate
 
 
-def _output_length(header: Header, rate: int) -> int:
+def output_length(header: Header, rate: int) -> int:
     """Samples to write at `rate`: the original length exactly at the original rate."""
     original = header.original_length or 0
     if rate == header.original_sample_rate:

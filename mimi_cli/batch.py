@@ -1,0 +1,486 @@
+"""Many files: discovery, output mapping, skip/resume, a reading/model/writing pipeline, the manifest.
+
+Each file goes through three stages: `prepare` (read, validate, resample; worker thread),
+`run` (the model; main thread, several files per forward pass when `batch_size` > 1) and
+`finish` (write the output atomically; worker thread). A file that fails is reported and the
+batch goes on; outputs only ever appear complete, so a killed run is finished by a rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .audio import OUTPUT_FORMATS, probe, read_audio
+from .codec import (
+    check_fingerprint,
+    decode_file,
+    encode_file,
+    finish_audio,
+    new_header,
+    output_length,
+    output_rate,
+    read_container,
+    whole_frames,
+)
+from .config import FRAME_SIZE
+from .container import write_codes
+from .errors import MimiError
+from .fsutil import atomic_output
+
+if TYPE_CHECKING:
+    from .model import MimiModel
+
+MANIFEST = "manifest.jsonl"
+# Suffixes taken as audio when no --glob is given (what libsndfile reads, plus common aliases).
+AUDIO_SUFFIXES = frozenset(
+    ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .caf .w64 .rf64 .wv .voc .sd2".split()
+)
+LONG_SECONDS = 600.0  # longer files are streamed from disk rather than read whole
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and where its output goes (paths relative to the two roots for the manifest)."""
+
+    source: Path
+    output: Path
+    relative: str
+    output_relative: str
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One manifest line."""
+
+    path: str
+    output: str
+    status: str  # "done", "skipped" (a complete, up-to-date output existed) or "failed"
+    duration: float | None = None  # seconds of audio
+    frames: int | None = None
+    codebooks: int | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class BatchReport:
+    results: list[FileResult]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failures(self) -> list[FileResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(r.duration or 0.0 for r in self.results if r.status != "failed")
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(r.bytes_in or 0 for r in self.results if r.status != "failed")
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(r.bytes_out or 0 for r in self.results if r.status != "failed")
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    files_done: int
+    files_total: int
+    audio_seconds: float  # processed (not skipped) so far
+    elapsed: float
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def plan(in_dir: Path, out_dir: Path, suffix: str, glob: str | None = None) -> list[Job]:
+    """Every selected file under `in_dir` (recursively, sorted), mapped to `out_dir` with `suffix`.
+
+    Selection: `glob` (matched against the relative path and the file name) or, without it, audio
+    suffixes (for `suffix` ".mimi") or ".mimi" (otherwise). `out_dir` is never searched, symlinked
+    folders are followed once (no loops). Two inputs that would map to one output (`a.wav`,
+    `a.flac`) keep their full names (`a.wav.mimi`, `a.flac.mimi`).
+    """
+    if not in_dir.is_dir():
+        raise MimiError(f"{in_dir}: not a folder")
+    sources = sorted(_walk(in_dir, out_dir), key=lambda p: p.relative_to(in_dir).as_posix())
+    selected = [p for p in sources if _selected(p.relative_to(in_dir), suffix, glob)]
+    stems: dict[Path, int] = {}
+    for path in selected:
+        stems[path.with_suffix("")] = stems.get(path.with_suffix(""), 0) + 1
+    jobs = []
+    for path in selected:
+        relative = path.relative_to(in_dir)
+        name = (
+            relative.with_suffix(suffix) if stems[path.with_suffix("")] == 1 else Path(f"{relative}{suffix}")
+        )
+        jobs.append(Job(path, out_dir / name, relative.as_posix(), name.as_posix()))
+    return jobs
+
+
+def _walk(root: Path, out_dir: Path) -> Iterator[Path]:
+    skip = out_dir.resolve()
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen or Path(folder).resolve() == skip:
+            dirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs.sort()
+        for name in files:
+            path = Path(folder, name)
+            if path.is_file() and not name.startswith("."):  # hidden: temporary files of a killed run
+                yield path
+
+
+def _selected(relative: Path, suffix: str, glob: str | None) -> bool:
+    if glob:
+        return fnmatch.fnmatch(relative.as_posix(), glob) or fnmatch.fnmatch(relative.name, glob)
+    if suffix == ".mimi":
+        return relative.suffix.lower() in AUDIO_SUFFIXES
+    return relative.suffix.lower() == ".mimi"
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def encode_batch(
+    model: MimiModel,
+    jobs: list[Job],
+    num_codebooks: int,
+    force: bool = False,
+    workers: int = 2,
+    batch_size: int = 1,
+    progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchReport:
+    """Encode every job's file to .mimi (see `run`); up-to-date outputs are skipped unless `force`."""
+
+    def prepare(job: Job) -> Any:
+        if not force and _encoded_up_to_date(job, model, num_codebooks):
+            header, _ = read_container(job.output)
+            return _skipped(job, header.duration, header.num_frames, header.num_codebooks)
+        info = probe(job.source)
+        if info.duration is not None and info.duration > LONG_SECONDS:
+            return _Long(info.duration)
+        audio, info = read_audio(job.source)
+        return _Encoding(info, audio)
+
+    def run_model(batch: list[tuple[Job, Any]]) -> list[Any]:
+        import torch
+
+        long = [item for _, item in batch if isinstance(item, _Long)]
+        if long:  # streamed from disk, one at a time (a batch holds one long file)
+            ((job, _),) = batch
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+            summary = encode_file(model, job.source, job.output, num_codebooks)
+            return [_done(job, summary.duration, summary.frames, num_codebooks, summary.container_bytes)]
+        padded = [whole_frames(item.audio) for _, item in batch]
+        audio = torch.zeros(len(padded), 1, max(map(len, padded)))
+        for row, samples in enumerate(padded):
+            audio[row, 0, : len(samples)] = torch.from_numpy(samples)
+        codes = model.encode(audio, num_codebooks).cpu().numpy()
+        for row, ((_, item), samples) in enumerate(zip(batch, padded, strict=True)):
+            item.codes = codes[row, :, : len(samples) // FRAME_SIZE]
+        return [item for _, item in batch]
+
+    def finish(job: Job, item: Any) -> FileResult:
+        if isinstance(item, FileResult):
+            return item
+        header = new_header(item.info, num_codebooks, model.fingerprint, job.relative, item.info.frames)
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(job.output) as out:
+            write_codes(out, header, item.codes)
+        return _done(job, header.duration, header.num_frames, num_codebooks, job.output.stat().st_size)
+
+    return run(jobs, prepare, run_model, finish, workers, batch_size, progress)
+
+
+def decode_batch(
+    model: MimiModel,
+    jobs: list[Job],
+    sample_rate: int | str | None = None,
+    audio_format: str | None = None,
+    force: bool = False,
+    workers: int = 2,
+    batch_size: int = 1,
+    progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchReport:
+    """Decode every job's .mimi file to audio (see `run`); up-to-date outputs are skipped unless `force`."""
+    from .audio import write_audio
+
+    def prepare(job: Job) -> Any:
+        header, codes = read_container(job.source)
+        check_fingerprint(header, model, job.relative, force)
+        rate = output_rate(sample_rate, header)
+        if not force and _decoded_up_to_date(job, header, rate):
+            return _skipped(job, header.duration, header.num_frames, header.num_codebooks)
+        if header.duration and header.duration > LONG_SECONDS:
+            return _Long(header.duration)
+        return _Decoding(header, codes, rate)
+
+    def run_model(batch: list[tuple[Job, Any]]) -> list[Any]:
+        import torch
+
+        if any(isinstance(item, _Long) for _, item in batch):
+            ((job, _),) = batch
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+            summary = decode_file(model, job.source, job.output, sample_rate, None, audio_format)
+            return [
+                _done(job, summary.duration, summary.frames, summary.codebooks, job.output.stat().st_size)
+            ]
+        groups: dict[int, list[int]] = {}  # codebook count → rows: one forward pass per count
+        for row, (_, item) in enumerate(batch):
+            groups.setdefault(item.header.num_codebooks, []).append(row)
+        for k, rows in groups.items():
+            frames = max(batch[r][1].codes.shape[1] for r in rows)
+            codes = torch.zeros(len(rows), k, frames, dtype=torch.long)
+            for i, r in enumerate(rows):
+                codes[i, :, : batch[r][1].codes.shape[1]] = torch.from_numpy(batch[r][1].codes)
+            audio = model.decode(codes).float().cpu().numpy()
+            for i, r in enumerate(rows):
+                item = batch[r][1]
+                item.audio = audio[i, 0, : item.codes.shape[1] * FRAME_SIZE]
+        return [item for _, item in batch]
+
+    def finish(job: Job, item: Any) -> FileResult:
+        if isinstance(item, FileResult):
+            return item
+        audio = finish_audio(item.audio, item.header, item.rate)
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        write_audio(job.output, audio, item.rate, audio_format)
+        h = item.header
+        return _done(job, h.duration, h.num_frames, h.num_codebooks, job.output.stat().st_size)
+
+    return run(jobs, prepare, run_model, finish, workers, batch_size, progress)
+
+
+@dataclass
+class _Encoding:
+    info: Any
+    audio: np.ndarray
+    codes: np.ndarray | None = None
+
+
+@dataclass
+class _Decoding:
+    header: Any
+    codes: np.ndarray
+    rate: int
+    audio: np.ndarray | None = None
+
+
+@dataclass
+class _Long:
+    duration: float
+
+
+def run(
+    jobs: list[Job],
+    prepare: Callable[[Job], Any],
+    run_model: Callable[[list[tuple[Job, Any]]], list[Any]],
+    finish: Callable[[Job, Any], FileResult],
+    workers: int,
+    batch_size: int,
+    progress: Callable[[BatchProgress], None] | None,
+) -> BatchReport:
+    """Run the three stages over `jobs`; with `workers` > 1, prepare and finish overlap the model.
+
+    A MimiError, ValueError or OSError in any stage fails that file only. Results are in job order.
+    """
+    started = time.perf_counter()
+    results: dict[int, FileResult] = {}
+    audio_seconds = 0.0
+
+    def record(index: int, result: FileResult) -> None:
+        nonlocal audio_seconds
+        results[index] = result
+        if result.status == "done":
+            audio_seconds += result.duration or 0.0
+        if progress:
+            progress(BatchProgress(len(results), len(jobs), audio_seconds, time.perf_counter() - started))
+
+    with _Executor(workers) as pool:
+        queued: deque[tuple[int, Future]] = deque()
+        finishing: deque[tuple[int, Future]] = deque()
+        upcoming = iter(enumerate(jobs))
+        ahead = max(2, workers) * batch_size
+
+        def refill() -> None:
+            while len(queued) < ahead and (entry := next(upcoming, None)) is not None:
+                index, job = entry
+                queued.append((index, pool.submit(prepare, job)))
+
+        refill()
+        while queued:
+            batch: list[tuple[int, Job, Any]] = []
+            while queued and len(batch) < batch_size:
+                index, future = queued.popleft()
+                item = _outcome(future.result_or_error(), jobs[index])
+                if isinstance(item, FileResult):
+                    finishing.append((index, pool.completed(item)))
+                elif isinstance(item, _Long) and batch:  # a long file is streamed on its own
+                    queued.appendleft((index, pool.completed(item)))
+                    break
+                else:
+                    batch.append((index, jobs[index], item))
+                    if isinstance(item, _Long):
+                        break
+            refill()
+            if batch:
+                try:
+                    outputs = run_model([(job, item) for _, job, item in batch])
+                except (MimiError, ValueError, OSError) as e:
+                    outputs = [e] * len(batch)
+                for (index, job, _), output in zip(batch, outputs, strict=True):
+                    done = output if isinstance(output, (FileResult, Exception)) else None
+                    future = pool.completed(done) if done is not None else pool.submit(finish, job, output)
+                    finishing.append((index, future))
+            while finishing and (finishing[0][1].done() or not queued):
+                index, future = finishing.popleft()
+                record(index, _outcome(future.result_or_error(), jobs[index]))
+    return BatchReport([results[i] for i in range(len(jobs))], time.perf_counter() - started)
+
+
+def _outcome(value: Any, job: Job) -> Any:
+    if isinstance(value, (MimiError, ValueError, OSError)):
+        return FileResult(job.relative, job.output_relative, "failed", error=_message(value))
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename or ''}: {error.strerror}".lstrip(": ")
+    return " ".join(str(error).split())
+
+
+class _Result(Future):
+    def result_or_error(self) -> Any:
+        try:
+            return self.result()
+        except BaseException as e:  # KeyboardInterrupt is re-raised by _outcome
+            return e
+
+
+class _Executor:
+    """A thread pool whose futures have `result_or_error`; with one worker, everything runs inline."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mimi-io") if workers > 1 else None
+
+    def __enter__(self) -> _Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Result:
+        result = _Result()
+        if self._pool is None:
+            try:
+                result.set_result(fn(*args))
+            except BaseException as e:
+                result.set_exception(e)
+            return result
+        inner = self._pool.submit(fn, *args)
+        inner.add_done_callback(lambda f: _copy(f, result))
+        return result
+
+    def completed(self, value: Any) -> _Result:
+        result = _Result()
+        result.set_result(value)
+        return result
+
+
+def _copy(source: Future, target: Future) -> None:
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _encoded_up_to_date(job: Job, model: MimiModel, num_codebooks: int) -> bool:
+    """A complete .mimi output, newer than its source, made with these weights and codebooks."""
+    try:
+        if job.output.stat().st_mtime_ns < job.source.stat().st_mtime_ns:
+            return False
+        header, _ = read_container(job.output)  # every CRC and the totals checked
+    except (MimiError, OSError):
+        return False
+    return header.num_codebooks == num_codebooks and header.fingerprint == model.fingerprint
+
+
+def _decoded_up_to_date(job: Job, header: Any, rate: int) -> bool:
+    """A readable audio output, newer than its source, at `rate` with the expected length."""
+    try:
+        if job.output.stat().st_mtime_ns < job.source.stat().st_mtime_ns:
+            return False
+        info = probe(job.output)
+    except (MimiError, OSError):
+        return False
+    return info.sample_rate == rate and info.frames == output_length(header, rate)
+
+
+def _skipped(job: Job, duration: float | None, frames: int | None, codebooks: int) -> FileResult:
+    return FileResult(
+        job.relative, job.output_relative, "skipped", duration, frames, codebooks,
+        job.source.stat().st_size, job.output.stat().st_size,
+    )  # fmt: skip
+
+
+def _done(job: Job, duration: float | None, frames: int | None, codebooks: int, size: int) -> FileResult:
+    return FileResult(
+        job.relative,
+        job.output_relative,
+        "done",
+        duration,
+        frames,
+        codebooks,
+        job.source.stat().st_size,
+        size,
+    )
+
+
+def write_manifest(out_dir: Path, report: BatchReport) -> Path:
+    """OUT_DIR/manifest.jsonl: one JSON object per input, written atomically."""
+    path = out_dir / MANIFEST
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as out:
+        for result in report.results:
+            out.write((json.dumps(dataclasses.asdict(result)) + "\n").encode())
+    return path
+
+
+def decoded_suffix(audio_format: str | None) -> str:
+    """The output suffix of decoded files: .wav unless --format says flac or ogg."""
+    if audio_format is None:
+        return ".wav"
+    suffix = "." + audio_format.lower().lstrip(".")
+    if suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"--format must be wav, flac or ogg, got {audio_format!r}")
+    return suffix
