@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint bench
+.PHONY: install test lint bench bench-memory bench-batch
 
 install: $(VENV)/.installed
 
@@ -23,3 +23,6 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/speed.py
+
+bench-memory: install
+	$(PY) benchmarks/memory.py

@@ -155,11 +155,14 @@ def decode_file(
         trimmer = _TrimmedOutput(rate)
         with AudioWriter(dst, rate, audio_format) as writer:
             done = 0
-            for codes in _checked_chunks(reader, name):
-                audio = decoder.push(torch.from_numpy(codes[:codebooks])[None])
-                for block in trimmer.push(audio[0, 0].float().cpu().numpy()):
-                    writer.write(block)
-                done += codes.shape[1]
+            step = max(1, round(CHUNK_SECONDS * FRAME_RATE))
+            for chunk in _checked_chunks(reader, name):
+                for start in range(0, chunk.shape[1], step):  # container chunks are up to 20 s
+                    codes = torch.from_numpy(chunk[:codebooks, start : start + step])
+                    audio = decoder.push(codes[None])
+                    for block in trimmer.push(audio[0, 0].float().cpu().numpy()):
+                        writer.write(block)
+                done += chunk.shape[1]
                 if progress:
                     progress(done / header.frame_rate, header.duration)
             final = reader.header  # totals known now, also for a streamed file

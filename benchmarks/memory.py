@@ -1,0 +1,112 @@
+"""Peak memory and speed of the real `mimi encode` / `mimi decode` commands on long inputs.
+
+    python benchmarks/memory.py [--minutes 10 60] [--codebooks 16]
+
+Generates speech-like WAV inputs (16 kHz mono, so resampling is exercised) of each length and
+random full-size weights, then runs each command in its own process and reports its peak
+resident memory (ru_maxrss of that process alone) and its speed as × real time, plus the growth
+of peak memory from the shortest to the longest input. The bar: peak RSS ≤ 1.5 GB and growth
+≤ 10% from 10 to 60 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+RATE = 16_000
+# Runs a command as its only child and prints that child's peak RSS (KiB on Linux) as JSON.
+_MEASURE = (
+    "import json, resource, subprocess, sys, time\n"
+    "t = time.perf_counter()\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(json.dumps({'code': code, 'seconds': time.perf_counter() - t,\n"
+    "    'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+)
+
+
+def write_long_wav(path: Path, minutes: float) -> None:
+    """Speech-like audio written block by block (the generator itself stays small)."""
+    from signals import speech_like
+
+    block = speech_like(30.0, rate=RATE)
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(path, "w", RATE, 1, "PCM_16") as out:
+        for _ in range(round(minutes * 2)):
+            out.write(np.roll(block, rng.integers(len(block))) * rng.uniform(0.5, 1.0))
+
+
+def measure(command: list[str]) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=False
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["code"] != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
+    parser.add_argument("--codebooks", type=int, default=16)
+    args = parser.parse_args()
+
+    from weights_factory import random_state, write_hub_layout
+
+    from mimi_cli.config import MimiConfig
+
+    mimi = [sys.executable, "-m", "mimi_cli"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mimi-bench-memory-") as tmp:
+        folder = Path(tmp)
+        weights = folder / "weights"
+        write_hub_layout(weights, MimiConfig(), random_state(MimiConfig(), seed=7))
+        for minutes in args.minutes:
+            wav, packed, decoded = (folder / f"{minutes:g}min{s}" for s in (".wav", ".mimi", ".out.wav"))
+            started = time.perf_counter()
+            write_long_wav(wav, minutes)
+            took = time.perf_counter() - started
+            print(f"generated {wav.name} ({wav.stat().st_size / 1e6:.0f} MB) in {took:.0f} s", flush=True)
+            common = ["--weights", str(weights), "--device", "cpu", "--quiet", "--force"]
+            for step, command in (
+                ("encode", [*mimi, "encode", str(wav), str(packed), "-k", str(args.codebooks), *common]),
+                ("decode", [*mimi, "decode", str(packed), str(decoded), "-r", "original", *common]),
+            ):
+                report = measure(command)
+                rows.append((minutes, step, report["peak_kib"] / 1024**2, minutes * 60 / report["seconds"]))
+                print(
+                    f"{minutes:g} min {step}: peak {rows[-1][2]:.2f} GB, {rows[-1][3]:.1f}× real time",
+                    flush=True,
+                )
+            if sf.info(decoded).frames != sf.info(wav).frames:
+                raise SystemExit(f"{decoded.name}: length differs from the input")
+            for path in (wav, packed, decoded):
+                path.unlink()
+
+    print("\n| input | step | peak RSS | × real time |\n|---|---|---|---|")
+    for minutes, step, peak, speed in rows:
+        print(f"| {minutes:g} min | {step} | {peak:.2f} GB | {speed:.1f}× |")
+    shortest, longest = min(args.minutes), max(args.minutes)
+    if shortest != longest:
+        for step in ("encode", "decode"):
+            peaks = {m: p for m, s, p, _ in rows if s == step}
+            growth = peaks[longest] / peaks[shortest] - 1
+            print(f"{step}: peak RSS grows {growth:+.1%} from {shortest:g} to {longest:g} min")
+
+
+if __name__ == "__main__":
+    main()
