@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .stream import Stream, layer_state
@@ -57,10 +56,12 @@ class CausalConv1d(nn.Module):
             if x.shape[-1] == 0:
                 return self._empty(x)
             state.pending = self._edge(x[..., :1], self.pad_left)
-        buffer = torch.cat([state.pending, x], dim=-1) if state.pending.shape[-1] else x
         state.seen += x.shape[-1]
+        pieces = [state.pending, x]
         if final:
-            buffer = torch.cat([buffer, self._edge(buffer[..., -1:], -state.seen % self.stride)], dim=-1)
+            last = x[..., -1:] if x.shape[-1] else state.pending[..., -1:]
+            pieces.append(self._edge(last, -state.seen % self.stride))
+        buffer = torch.cat(pieces, dim=-1)  # the one copy of the input this layer makes
         count = (buffer.shape[-1] - self.span) // self.stride + 1 if buffer.shape[-1] >= self.span else 0
         state.pending = buffer[..., count * self.stride :].clone()  # a copy: frees `buffer`
         if count == 0:
@@ -85,12 +86,14 @@ class _ConvTransposeState:
 class CausalConvTranspose1d(nn.Module):
     """ConvTranspose1d trimmed on the right by `kernel - stride`: [B, C, L] → [B, C', L·stride].
 
-    Output step t receives the first `stride` taps of input t and the last `kernel - stride` taps
-    of input t - 1; the trimmed tail is what input L - 1 would add to a step L that does not exist.
-    Streamed, that tail is carried and added to the head of the next call's output::
+    With `kernel = 2·stride` (as everywhere in Mimi), input step t contributes `2·stride` output
+    samples: the first half to output block t, the second half to block t + 1. Computed as one
+    matrix product per call (much faster on CPU than a transposed convolution) and an overlap-add;
+    the half that spills past the last block is carried to the next call, or trimmed at the end::
 
-        call 1:  |== emitted ==|tail|
-        call 2:                |+tail== emitted ==|tail|
+        step t:      |  head_t  |  tail_t  |
+        step t + 1:             | head_t+1 |  tail_t+1 |
+        output:      | block t  | block t+1|  (carried)
     """
 
     def __init__(
@@ -103,21 +106,31 @@ class CausalConvTranspose1d(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        if kernel_size != 2 * stride:
+            raise ValueError(f"kernel_size must be 2·stride, got {kernel_size} and {stride}")
+        if groups not in (1, in_channels) or (groups > 1 and in_channels != out_channels):
+            raise ValueError("groups must be 1 or in_channels = out_channels (depthwise)")
         self.conv = nn.ConvTranspose1d(
             in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias
         )
         self.stride = stride
-        self.trim = kernel_size - stride
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
         state, _ = layer_state(stream, self, _ConvTransposeState)
-        length = x.shape[-1] * self.stride
-        if x.shape[-1] == 0:
-            return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
-        conv = self.conv
-        y = F.conv_transpose1d(x, conv.weight, None, conv.stride, groups=conv.groups)
+        batch, _, steps = x.shape
+        channels, stride = self.conv.out_channels, self.stride
+        if steps == 0:
+            return x.new_zeros(batch, channels, 0)
+        weight = self.conv.weight  # [C_in, C_out / groups, 2·stride]
+        if self.conv.groups == 1:
+            taps = x.transpose(1, 2) @ weight.reshape(weight.shape[0], -1)  # [B, T, C_out · 2·stride]
+        else:
+            taps = x.transpose(1, 2)[..., None] * weight[:, 0, :]  # depthwise: [B, T, C, 2·stride]
+        taps = taps.view(batch, steps, channels, 2, stride)
+        blocks = taps[:, :, :, 0]  # heads, [B, T, C_out, stride]
+        blocks[:, 1:] += taps[:, :-1, :, 1]  # each block receives the tail of the step before
         if state.overlap is not None:
-            y[..., : self.trim] += state.overlap
-        state.overlap = y[..., length:].clone()
-        y = y[..., :length]
-        return y if conv.bias is None else y + conv.bias[:, None]
+            blocks[:, 0] += state.overlap
+        state.overlap = taps[:, -1, :, 1].clone()
+        y = blocks.permute(0, 2, 1, 3).reshape(batch, channels, steps * stride)
+        return y if self.conv.bias is None else y + self.conv.bias[:, None]

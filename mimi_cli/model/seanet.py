@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
@@ -34,9 +35,14 @@ class ResidualUnit(nn.Module):
 
 
 def _run(layers: nn.ModuleList, x: torch.Tensor, stream: Stream | None) -> torch.Tensor:
-    """Apply `layers` in order; the stateful ones (convolutions, residual units) get the stream."""
+    """Apply `layers` in order; the stateful ones (convolutions, residual units) get the stream.
+
+    ELUs work in place on tensors made here, never on the caller's `x` (a residual needs it).
+    """
+    made_here = False
     for layer in layers:
-        x = layer(x) if isinstance(layer, nn.ELU) else layer(x, stream)
+        x = F.elu(x, inplace=made_here) if isinstance(layer, nn.ELU) else layer(x, stream)
+        made_here = True
     return x
 
 

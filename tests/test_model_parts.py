@@ -1,0 +1,62 @@
+"""Building blocks of the model checked against direct definitions on small inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimi_cli.model.conv import CausalConv1d, CausalConvTranspose1d
+from mimi_cli.model.transformer import sliding_window_attention
+
+
+def _naive_attention(q, k, v, window: int, num_past: int) -> torch.Tensor:
+    """Full score matrix with an explicit mask: query i (absolute num_past + i) sees keys j with
+    0 ≤ (num_past + i) - j < window."""
+    steps, keys = q.shape[2], k.shape[2]
+    query_pos = torch.arange(steps)[:, None] + num_past
+    key_pos = torch.arange(keys)[None, :]
+    mask = (query_pos - key_pos >= 0) & (query_pos - key_pos < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 30, 61])
+@pytest.mark.parametrize("num_past", [0, 3, 9])
+@pytest.mark.parametrize("block", [None, 4, 16])
+def test_block_attention_equals_masked_attention(steps, num_past, block):
+    window = 10
+    gen = torch.Generator().manual_seed(steps * 100 + num_past)
+    q = torch.randn(2, 3, steps, 8, generator=gen)
+    k = torch.randn(2, 3, num_past + steps, 8, generator=gen)
+    v = torch.randn(2, 3, num_past + steps, 8, generator=gen)
+    out = sliding_window_attention(q, k, v, window, num_past, block)
+    torch.testing.assert_close(out, _naive_attention(q, k, v, window, num_past), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride, groups", [(2, 1), (4, 1), (2, 6)])
+def test_transposed_conv_equals_torch_trimmed(stride, groups):
+    layer = CausalConvTranspose1d(6, 6, 2 * stride, stride, groups=groups)
+    with torch.no_grad():
+        layer.conv.weight.normal_()
+        layer.conv.bias.normal_()
+    x = torch.randn(2, 6, 11)
+    expected = layer.conv(x)[..., : 11 * stride]  # torch's transposed conv, tail trimmed
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "stride, kernel, dilation, mode",
+    [(1, 7, 1, "constant"), (1, 3, 2, "constant"), (4, 8, 1, "constant"), (2, 4, 1, "replicate")],
+)
+@pytest.mark.parametrize("length", [1, 5, 16, 23])
+def test_causal_conv_equals_padded_torch_conv(stride, kernel, dilation, mode, length):
+    layer = CausalConv1d(3, 5, kernel, stride, dilation=dilation, pad_mode=mode)
+    x = torch.randn(2, 3, length)
+    left = (kernel - 1) * dilation + 1 - stride
+    right = -length % stride
+    expected = layer.conv(F.pad(x, (left, right), mode=mode))
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape[-1] == -(-length // stride)
+    torch.testing.assert_close(out, expected)
