@@ -40,8 +40,16 @@ app = typer.Typer(
     help="Mimi neural audio codec: speech to a tiny .mimi file and back (1.1–4.4 kbps).",
 )
 
-InputArg = Annotated[str, typer.Argument(help="Input file, or - for standard input.", show_default=False)]
-OutputArg = Annotated[str, typer.Argument(help="Output file, or - for standard output.", show_default=False)]
+InputArg = Annotated[
+    str,
+    typer.Argument(metavar="IN", help="Input file or folder, or - for standard input.", show_default=False),
+]
+OutputArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="OUT", help="Output file or folder, or - for standard output.", show_default=False
+    ),
+]
 CodebooksOpt = Annotated[
     int | None,
     typer.Option(
@@ -89,10 +97,26 @@ DEFAULT_JOBS = min(4, os.cpu_count() or 1)
 def main() -> None:
     """Entry point of the `mimi` console script."""
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
         stderr.print("[red]interrupted[/red]")
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
+    except Exception as e:  # click's usage errors (bad flags or arguments): one line too
+        if not hasattr(e, "format_message"):
+            raise
+        if type(e).__name__ != "NoArgsIsHelpError":  # `mimi` alone: the help was printed already
+            ctx = getattr(e, "ctx", None)
+            command = ctx.command_path if ctx else "mimi"
+            _error_line(f"{e.format_message()} (see '{command} --help')")
+        code = getattr(e, "exit_code", EXIT_BAD_INPUT)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(message: str, label: str = "error:") -> None:
+    """One red label and the message, never read as markup (file names may hold brackets)."""
+    from rich.text import Text
+
+    stderr.print(Text.assemble((label, "red"), " ", " ".join(message.split())), soft_wrap=True)
 
 
 @contextmanager
@@ -105,7 +129,7 @@ def _errors() -> Iterator[None]:
     except (MimiError, ValueError, OSError) as e:
         if os.environ.get("MIMI_DEBUG"):
             traceback.print_exc()
-        stderr.print(f"[red]error:[/red] {_one_line(e)}", soft_wrap=True)
+        _error_line(_one_line(e))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         stderr.print("[red]interrupted[/red]")
@@ -113,9 +137,7 @@ def _errors() -> Iterator[None]:
     except Exception as e:  # a bug: still one line, unless debugging
         if os.environ.get("MIMI_DEBUG"):
             raise
-        stderr.print(
-            f"[red]internal error:[/red] {type(e).__name__}: {_one_line(e)} (MIMI_DEBUG=1 for details)"
-        )
+        _error_line(f"{type(e).__name__}: {_one_line(e)} (MIMI_DEBUG=1 for details)", "internal error:")
         raise typer.Exit(1) from None
 
 
@@ -484,7 +506,9 @@ def codes(
         from .codec import export_codes
 
         header = export_codes(file, output)
-        stderr.print(f"{output}: int16 [{header.num_codebooks}, {header.num_frames}]", markup=False)
+        stderr.print(
+            f"{output}: int16 [{header.num_codebooks}, {header.num_frames}]", markup=False, soft_wrap=True
+        )
 
 
 def _version(value: bool) -> None:

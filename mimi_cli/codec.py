@@ -208,13 +208,14 @@ def check_fingerprint(header: Header, model: MimiModel, name: str, force: bool) 
 
 
 def read_info(src: str | os.PathLike[str]) -> tuple[Header, int]:
-    """(header with totals, size in bytes) of a .mimi file, reading no codes and no weights."""
-    from .container import read_header
-
+    """(header with totals, size in bytes) of a .mimi file, every chunk's CRC checked; no weights."""
     name = _display_name(src, "<stdin>")
     with _input(src) as raw:
-        header = _read_or_explain(lambda: read_header(raw), name)
-    return header, (0 if os.fspath(src) == STDIO else os.path.getsize(src))
+        reader = _read_or_explain(lambda: ContainerReader(raw), name)
+        for _ in _checked_chunks(reader, name):
+            pass
+        size = raw.count if isinstance(raw, _CountingPipe) else os.path.getsize(src)
+    return reader.header, size
 
 
 def read_container(src: str | os.PathLike[str]) -> tuple[Header, np.ndarray]:
