@@ -26,3 +26,6 @@ bench: install
 
 bench-memory: install
 	$(PY) benchmarks/memory.py
+
+bench-batch: install
+	$(PY) benchmarks/batch.py

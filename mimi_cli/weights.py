@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -220,14 +221,20 @@ def _shorten(names: list[str], limit: int = 5) -> str:
 def fingerprint(state: dict[str, torch.Tensor]) -> bytes:
     """8-byte digest of the weights in hub layout (names, shapes and float32 values).
 
-    Equal for the same weights whatever the file layout they were read from.
+    Equal for the same weights whatever the file layout they were read from. Each tensor is
+    hashed (SHA-256) on its own, in parallel, then the list of digests is hashed.
     """
-    digest = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
-    for key in sorted(state):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(key: str) -> bytes:
         tensor = state[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{key}:{list(tensor.shape)};".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.digest()
+        h = hashlib.sha256(f"{key}:{list(tensor.shape)};".encode())
+        h.update(tensor.numpy().reshape(-1).view(np.uint8))  # hashlib reads the buffer, no copy
+        return h.digest()
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        parts = list(pool.map(digest, sorted(state)))
+    return hashlib.sha256(b"".join(parts)).digest()[:FINGERPRINT_BYTES]
 
 
 def load_model(
