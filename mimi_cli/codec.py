@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import numpy as np
 import soxr
@@ -27,8 +27,11 @@ from .errors import FormatError, MimiError, WeightsError
 from .fsutil import STDIO, atomic_output
 
 if TYPE_CHECKING:
+    import torch
+
     from .model import MimiModel
 
+T = TypeVar("T")
 Progress = Callable[[float, float | None], None]
 """Called with (seconds of audio done, total seconds or None when unknown)."""
 
@@ -100,14 +103,18 @@ def encode_file(
     with atomic_output(dst) as out:
         sink = _CountingPipe(out) if os.fspath(dst) == STDIO else out
         writer = ContainerWriter(sink, header)
-        done = 0
-        for piece in _rechunk(blocks, chunk, pad_to=FRAME_SIZE):
-            codes = encoder.push(torch.from_numpy(piece)[None, None])
+
+        def encoded() -> Iterator[tuple[torch.Tensor, int]]:
+            done = 0
+            for piece in _rechunk(blocks, chunk, pad_to=FRAME_SIZE):
+                done += len(piece)
+                yield encoder.push(torch.from_numpy(piece)[None, None]), done
+            yield encoder.finish(), done  # whole frames: no end padding is left to add
+
+        for codes, done in _one_ahead(encoded()):
             writer.write(codes[0].cpu().numpy())
-            done += len(piece)
             if progress:
                 progress(min(done / SAMPLE_RATE, blocks.frames_read / info.sample_rate), total)
-        writer.write(encoder.finish()[0].cpu().numpy())  # whole frames: no end padding left to add
         final = writer.close(original_length=blocks.frames_read)
     return Summary(
         input=name,
@@ -153,16 +160,20 @@ def decode_file(
         rate = output_rate(sample_rate, header)
         decoder = StreamingDecoder(model)
         trimmer = _TrimmedOutput(rate)
-        with AudioWriter(dst, rate, audio_format) as writer:
+        step = max(1, round(CHUNK_SECONDS * FRAME_RATE))
+
+        def decoded() -> Iterator[tuple[torch.Tensor, int]]:
             done = 0
-            step = max(1, round(CHUNK_SECONDS * FRAME_RATE))
             for chunk in _checked_chunks(reader, name):
-                for start in range(0, chunk.shape[1], step):  # container chunks are up to 20 s
+                for start in range(0, chunk.shape[1], step):  # container chunks hold up to 20 s
                     codes = torch.from_numpy(chunk[:codebooks, start : start + step])
-                    audio = decoder.push(codes[None])
-                    for block in trimmer.push(audio[0, 0].float().cpu().numpy()):
-                        writer.write(block)
-                done += chunk.shape[1]
+                    done += codes.shape[1]
+                    yield decoder.push(codes[None]), done
+
+        with AudioWriter(dst, rate, audio_format) as writer:
+            for audio, done in _one_ahead(decoded()):
+                for block in trimmer.push(audio[0, 0].float().cpu().numpy()):
+                    writer.write(block)
                 if progress:
                     progress(done / header.frame_rate, header.duration)
             final = reader.header  # totals known now, also for a streamed file
@@ -233,6 +244,16 @@ def export_codes(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> He
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _one_ahead(items: Iterator[T]) -> Iterator[T]:
+    """Yield each item once the next one exists: on CUDA the next chunk's kernels are queued
+    before the host waits (`.cpu()`) for this chunk's results, so the device never idles."""
+    previous: list[T] = []
+    for item in items:
+        yield from previous
+        previous = [item]
+    yield from previous
 
 
 def whole_frames(audio: np.ndarray) -> np.ndarray:
