@@ -60,3 +60,27 @@ def test_causal_conv_equals_padded_torch_conv(stride, kernel, dilation, mode, le
         out = layer(x)
     assert out.shape[-1] == -(-length // stride)
     torch.testing.assert_close(out, expected)
+
+
+def test_half_precision_plumbing_keeps_the_quantizer_in_float32(tiny_weights):
+    """bfloat16 is offered on CUDA only; the same code path runs on CPU here to check the casts."""
+    from mimi_cli import load_model
+
+    model = load_model(tiny_weights).to_runtime(torch.device("cpu"), torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for b in model.quantizer.buffers())
+    assert all(p.dtype == torch.float32 for p in model.quantizer.parameters())
+    audio = torch.randn(1, 1, 24_000) * 0.1
+    codes = model.encode(audio, 8)
+    assert codes.dtype == torch.long and codes.shape == (1, 8, 13)
+    decoded = model.decode(codes, 24_000)
+    assert decoded.dtype == torch.bfloat16 and decoded.shape == (1, 1, 24_000)
+    assert torch.isfinite(decoded.float()).all()
+
+
+def test_half_precision_is_refused_on_cpu():
+    from mimi_cli.device import resolve_device, resolve_dtype
+
+    with pytest.raises(ValueError, match="only supported on CUDA"):
+        resolve_dtype("bfloat16", resolve_device("cpu"))
+    assert resolve_dtype(None, resolve_device("cpu")) == torch.float32
