@@ -115,29 +115,36 @@ def plan(in_dir: Path, out_dir: Path, suffix: str, glob: str | None = None) -> l
     """Every selected file under `in_dir` (recursively, sorted), mapped to `out_dir` with `suffix`.
 
     Selection: `glob` (matched against the relative path and the file name) or, without it, audio
-    suffixes (for `suffix` ".mimi") or ".mimi" (otherwise). `out_dir` is never searched, symlinked
-    folders are followed once (no loops). Two inputs that would map to one output (`a.wav`,
-    `a.flac`) keep their full names (`a.wav.mimi`, `a.flac.mimi`).
+    suffixes (for `suffix` ".mimi") or ".mimi" (otherwise). `out_dir` is never searched; symlinked
+    folders are followed when they lead outside `in_dir`, once (no loops). Inputs that would
+    share an output (`a.wav`, `a.flac` → `a.mimi`) keep their full names (`a.wav.mimi`, `a.flac.mimi`).
     """
     if not in_dir.is_dir():
         raise MimiError(f"{in_dir}: not a folder")
+    if in_dir.resolve() == out_dir.resolve():
+        raise MimiError(f"{out_dir}: the output folder must differ from the input folder")
     sources = sorted(_walk(in_dir, out_dir), key=lambda p: p.relative_to(in_dir).as_posix())
-    selected = [p for p in sources if _selected(p.relative_to(in_dir), suffix, glob)]
-    stems: dict[Path, int] = {}
-    for path in selected:
-        stems[path.with_suffix("")] = stems.get(path.with_suffix(""), 0) + 1
-    jobs = []
-    for path in selected:
-        relative = path.relative_to(in_dir)
-        name = (
-            relative.with_suffix(suffix) if stems[path.with_suffix("")] == 1 else Path(f"{relative}{suffix}")
-        )
-        jobs.append(Job(path, out_dir / name, relative.as_posix(), name.as_posix()))
-    return jobs
+    relatives = [p.relative_to(in_dir) for p in sources if _selected(p.relative_to(in_dir), suffix, glob)]
+    names = {r: r.with_suffix(suffix) for r in relatives}
+    while True:  # full names for every input whose output another input also claims
+        claims: dict[Path, int] = {}
+        for name in names.values():
+            claims[name] = claims.get(name, 0) + 1
+        clashing = [r for r, name in names.items() if claims[name] > 1 and name != Path(f"{r}{suffix}")]
+        if not clashing:
+            break
+        names.update({r: Path(f"{r}{suffix}") for r in clashing})
+    return [Job(in_dir / r, out_dir / names[r], r.as_posix(), names[r].as_posix()) for r in relatives]
 
 
 def _walk(root: Path, out_dir: Path) -> Iterator[Path]:
-    skip = out_dir.resolve()
+    """Files below `root`, hidden ones (temporary files of a killed run) excepted.
+
+    Symlinked folders that point inside `root` are skipped (the real folder is walked under its
+    own name); others are followed, each real folder once. Broken symlinks are yielded, so that
+    they are reported rather than silently ignored.
+    """
+    top, skip = root.resolve(), out_dir.resolve()
     seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         stat = os.stat(folder)
@@ -145,11 +152,15 @@ def _walk(root: Path, out_dir: Path) -> Iterator[Path]:
             dirs.clear()
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not _links_inside(Path(folder, d), top))
         for name in files:
             path = Path(folder, name)
-            if path.is_file() and not name.startswith("."):  # hidden: temporary files of a killed run
+            if not name.startswith(".") and (path.is_file() or (path.is_symlink() and not path.exists())):
                 yield path
+
+
+def _links_inside(folder: Path, top: Path) -> bool:
+    return folder.is_symlink() and folder.resolve().is_relative_to(top)
 
 
 def _selected(relative: Path, suffix: str, glob: str | None) -> bool:
@@ -191,7 +202,7 @@ def encode_batch(
         if long:  # streamed from disk, one at a time (a batch holds one long file)
             ((job, _),) = batch
             job.output.parent.mkdir(parents=True, exist_ok=True)
-            summary = encode_file(model, job.source, job.output, num_codebooks)
+            summary = encode_file(model, job.source, job.output, num_codebooks, source_name=job.relative)
             return [_done(job, summary.duration, summary.frames, num_codebooks, summary.container_bytes)]
         padded = [whole_frames(item.audio) for _, item in batch]
         audio = torch.zeros(len(padded), 1, max(map(len, padded)))
@@ -243,7 +254,7 @@ def decode_batch(
         if any(isinstance(item, _Long) for _, item in batch):
             ((job, _),) = batch
             job.output.parent.mkdir(parents=True, exist_ok=True)
-            summary = decode_file(model, job.source, job.output, sample_rate, None, audio_format)
+            summary = decode_file(model, job.source, job.output, sample_rate, None, audio_format, force)
             return [
                 _done(job, summary.duration, summary.frames, summary.codebooks, job.output.stat().st_size)
             ]
@@ -436,14 +447,17 @@ def _encoded_up_to_date(job: Job, model: MimiModel, num_codebooks: int) -> bool:
 
 
 def _decoded_up_to_date(job: Job, header: Any, rate: int) -> bool:
-    """A readable audio output, newer than its source, at `rate` with the expected length."""
+    """A readable audio output, newer than its source, at `rate` with the expected length.
+
+    The output is read through: a cut FLAC or Ogg file still announces its full length.
+    """
     try:
         if job.output.stat().st_mtime_ns < job.source.stat().st_mtime_ns:
             return False
-        info = probe(job.output)
+        audio, info = read_audio(job.output, target_rate=None)
     except (MimiError, OSError):
         return False
-    return info.sample_rate == rate and info.frames == output_length(header, rate)
+    return info.sample_rate == rate and len(audio) == output_length(header, rate)
 
 
 def _skipped(job: Job, duration: float | None, frames: int | None, codebooks: int) -> FileResult:

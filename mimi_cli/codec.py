@@ -79,6 +79,7 @@ def encode_file(
     num_codebooks: int,
     progress: Progress | None = None,
     chunk_seconds: float = CHUNK_SECONDS,
+    source_name: str | None = None,
 ) -> Summary:
     """Encode an audio file (or "-" for stdin) into a .mimi file (or "-" for stdout).
 
@@ -88,13 +89,14 @@ def encode_file(
 
     The last partial frame is completed with silence (as Kyutai's streaming does), so the codes
     are those of `model.encode(whole_frames(audio))` whatever the chunking or batching.
+    `source_name` goes into the header's metadata (default: the input's file name).
     """
     import torch
 
     started = time.perf_counter()
     info, blocks = stream_audio(src)
     name = _display_name(src, "<stdin>")
-    header = new_header(info, num_codebooks, model.fingerprint, Path(name).name)
+    header = new_header(info, num_codebooks, model.fingerprint, source_name or Path(name).name)
     from .model import StreamingEncoder
 
     encoder = StreamingEncoder(model, num_codebooks)
