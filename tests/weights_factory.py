@@ -69,13 +69,14 @@ def _calibrate_codebooks(config: MimiConfig, state: dict[str, torch.Tensor], gen
     """
     model = MimiModel(config)
     model.load_state_dict(state)
+    model.prepare()
     audio = torch.from_numpy(speech_like(2.0))[None, None]
     with torch.inference_mode():
-        latents = model.downsample(model.encoder_transformer(model.encoder(audio)))
+        latents = model.encode_latents(audio)[0]  # [frames, 512]
     for name in ("semantic", "acoustic"):
         prefix = f"quantizer.{name}_residual_vector_quantizer."
-        projected = model.get_submodule(prefix[:-1]).input_proj(latents)[0]  # [dim, frames]
-        centre, spread = projected.mean(dim=1), projected.std(dim=1).mean()
+        projected = latents @ state[f"{prefix}input_proj.weight"][:, :, 0].T  # [frames, dim]
+        centre, spread = projected.mean(dim=0), projected.std(dim=0).mean()
         level = 0
         while f"{prefix}layers.{level}.codebook.embed_sum" in state:
             usage = state[f"{prefix}layers.{level}.codebook.cluster_usage"]

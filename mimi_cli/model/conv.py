@@ -1,10 +1,17 @@
-"""Causal 1-d convolutions with Mimi's padding rules (plain and transposed), streamable."""
+"""Causal 1-d convolutions with Mimi's padding rules (plain and transposed), time-major and streamable.
+
+Activations are time-major, [B, T, C]: oneDNN's convolutions run much faster on that layout
+(channels last) than on [B, C, T], and a transposed convolution then needs no interleaving copy.
+Weights keep the released layout ([C_out, C_in, k], [C_in, C_out, k]); `prepare()` derives the
+kernels the run-time path uses.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .stream import Stream, layer_state
@@ -16,17 +23,65 @@ class _ConvState:
     seen: int = 0  # real input steps received so far
 
 
-class CausalConv1d(nn.Module):
-    """Conv1d that sees only the past: left-padded by `kernel - stride`, right-padded to a whole stride.
+class _CausalWindow:
+    """The input a causal convolution needs: history, new steps and, on the final call, end padding.
 
-    For an input of `L` steps the output has `ceil(L / stride)` steps, the last one computed from an
-    input padded on the right up to the next multiple of `stride`::
+    pad_left = span - stride steps of history come first (zeros, or copies of the first step for
+    "replicate"); the final call pads the end up to a whole stride::
 
         pad_left = (kernel - 1) * dilation + 1 - stride      # history the first output needs
         pad_right = ceil(L / stride) * stride - L            # completes the last stride (final call)
 
-    `pad_mode` is "constant" (zeros) or "replicate" (edge values), for both sides. Streamed, the
-    steps an output still lacks wait in the state; the right padding is added on the final call.
+    Returns the buffer to convolve ([B, n, C]; n covers `count` outputs exactly) and `count`; the
+    steps later outputs still need stay in `state`.
+    """
+
+    def __init__(self, span: int, stride: int, pad_mode: str) -> None:
+        self.span, self.stride, self.pad_mode = span, stride, pad_mode
+        self.pad_left = span - stride
+
+    def take(self, x: torch.Tensor, state: _ConvState, final: bool) -> tuple[torch.Tensor, int]:
+        if state.pending is None:
+            if x.shape[1] == 0:
+                return x, 0
+            state.pending = self._edge(x[:, :1], self.pad_left)
+        state.seen += x.shape[1]
+        pieces = [state.pending, x]
+        if final:
+            last = x[:, -1:] if x.shape[1] else state.pending[:, -1:]
+            pieces.append(self._edge(last, -state.seen % self.stride))
+        buffer = torch.cat(pieces, dim=1)  # the one copy of the input a layer makes
+        count = (buffer.shape[1] - self.span) // self.stride + 1 if buffer.shape[1] >= self.span else 0
+        state.pending = buffer[:, count * self.stride :].clone()  # a copy: frees `buffer`
+        return buffer[:, : (count - 1) * self.stride + self.span], count
+
+    def _edge(self, edge: torch.Tensor, length: int) -> torch.Tensor:
+        """`length` steps of padding: zeros, or copies of the edge step."""
+        if self.pad_mode == "replicate":
+            return edge.expand(-1, length, -1)
+        return edge.new_zeros(edge.shape[0], length, edge.shape[2])
+
+
+def _conv_time_major(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """[B, T, C_in] → [B, T', C_out] with a channels-last [C_out, C_in, 1, k] kernel (a 2-d conv, H = 1)."""
+    y = F.conv2d(
+        x.transpose(1, 2).unsqueeze(2), kernel, bias, (1, stride), dilation=(1, dilation), groups=groups
+    )
+    return y.squeeze(2).transpose(1, 2)
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d that sees only the past: x [B, L, C_in] → [B, ceil(L / stride), C_out] for a whole input.
+
+    Streamed, the steps an output still lacks wait in the state; the end padding comes on the
+    final call (see `_CausalWindow`). `pad_mode` is "constant" (zeros) or "replicate".
     """
 
     def __init__(
@@ -44,56 +99,36 @@ class CausalConv1d(nn.Module):
         self.conv = nn.Conv1d(
             in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups, bias=bias
         )
-        self.stride = stride
-        self.pad_mode = pad_mode
-        self.span = (kernel_size - 1) * dilation + 1
-        self.pad_left = self.span - stride
+        self.window = _CausalWindow((kernel_size - 1) * dilation + 1, stride, pad_mode)
+        self.register_buffer("kernel", torch.empty(0), persistent=False)
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Derive the channels-last kernel from the (loaded) weight."""
+        self.kernel = self.conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        """x: [B, C, L] → [B, C_out, n]; n = ceil(L / stride) for a whole input."""
         state, final = layer_state(stream, self, _ConvState)
-        if state.pending is None:
-            if x.shape[-1] == 0:
-                return self._empty(x)
-            state.pending = self._edge(x[..., :1], self.pad_left)
-        state.seen += x.shape[-1]
-        pieces = [state.pending, x]
-        if final:
-            last = x[..., -1:] if x.shape[-1] else state.pending[..., -1:]
-            pieces.append(self._edge(last, -state.seen % self.stride))
-        buffer = torch.cat(pieces, dim=-1)  # the one copy of the input this layer makes
-        count = (buffer.shape[-1] - self.span) // self.stride + 1 if buffer.shape[-1] >= self.span else 0
-        state.pending = buffer[..., count * self.stride :].clone()  # a copy: frees `buffer`
+        if self.kernel.numel() == 0:
+            self.prepare()
+        conv = self.conv
+        buffer, count = self.window.take(x, state, final)
         if count == 0:
-            return self._empty(x)
-        return self.conv(buffer[..., : (count - 1) * self.stride + self.span])
-
-    def _edge(self, edge: torch.Tensor, length: int) -> torch.Tensor:
-        """`length` steps of padding: zeros, or copies of the edge step."""
-        if self.pad_mode == "replicate":
-            return edge.expand(-1, -1, length)
-        return edge.new_zeros(edge.shape[0], edge.shape[1], length)
-
-    def _empty(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
-
-
-@dataclass
-class _ConvTransposeState:
-    overlap: torch.Tensor | None = None  # bias-free tail of the last output, to add to the next one
+            return x.new_zeros(x.shape[0], 0, conv.out_channels)
+        return _conv_time_major(buffer, self.kernel, conv.bias, conv.stride[0], conv.dilation[0], conv.groups)
 
 
 class CausalConvTranspose1d(nn.Module):
-    """ConvTranspose1d trimmed on the right by `kernel - stride`: [B, C, L] → [B, C', L·stride].
+    """ConvTranspose1d trimmed on the right by `kernel - stride`: [B, L, C_in] → [B, L·stride, C_out].
 
-    With `kernel = 2·stride` (as everywhere in Mimi), input step t contributes `2·stride` output
-    samples: the first half to output block t, the second half to block t + 1. Computed as one
-    matrix product per call (much faster on CPU than a transposed convolution) and an overlap-add;
-    the half that spills past the last block is carried to the next call, or trimmed at the end::
+    With `kernel = 2·stride` (as everywhere in Mimi), output block t (`stride` samples) is made of
+    the first half of the taps applied to input t and the second half applied to input t - 1: a
+    causal convolution of kernel 2 with `stride · C_out` outputs, whose [B, L, stride, C_out]
+    result is, time-major, already the [B, L·stride, C_out] signal. The trimmed tail is what input
+    L - 1 would add to a block L that does not exist; streamed, input L - 1 waits in the state::
 
-        step t:      |  head_t  |  tail_t  |
-        step t + 1:             | head_t+1 |  tail_t+1 |
-        output:      | block t  | block t+1|  (carried)
+        input      t-1     t
+        taps      [b | a] [b | a]      y_block(t) = a·x(t) + b·x(t-1)
     """
 
     def __init__(
@@ -114,23 +149,38 @@ class CausalConvTranspose1d(nn.Module):
             in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias
         )
         self.stride = stride
+        self.window = _CausalWindow(2, 1, "constant")
+        self.register_buffer("kernel", torch.empty(0), persistent=False)
+        self.register_buffer("phase_bias", None, persistent=False)
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Derive the polyphase kernel: [stride · C_out, C_in, 1, 2], outputs ordered (phase, channel)."""
+        weight, stride = self.conv.weight, self.stride  # [C_in, C_out / groups, 2·stride]
+        taps = torch.stack(
+            [weight[..., stride:], weight[..., :stride]], dim=-1
+        )  # [C_in, C_out', s, 2]: x(t-1), x(t)
+        if self.conv.groups == 1:
+            kernel = taps.permute(2, 1, 0, 3).reshape(-1, weight.shape[0], 1, 2)
+            self.kernel = kernel.contiguous(memory_format=torch.channels_last)
+        else:  # depthwise: kept as [2 taps, s, C] for an elementwise product
+            self.kernel = taps[:, 0].permute(2, 1, 0).contiguous()
+        if self.conv.bias is not None:
+            self.phase_bias = self.conv.bias.repeat(stride)
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        state, _ = layer_state(stream, self, _ConvTransposeState)
-        batch, _, steps = x.shape
-        channels, stride = self.conv.out_channels, self.stride
-        if steps == 0:
-            return x.new_zeros(batch, channels, 0)
-        weight = self.conv.weight  # [C_in, C_out / groups, 2·stride]
+        state, _ = layer_state(stream, self, _ConvState)
+        batch, channels, count = x.shape[0], self.conv.out_channels, x.shape[1]
+        if count == 0:
+            return x.new_zeros(batch, 0, channels)
+        if self.kernel.numel() == 0:
+            self.prepare()
+        buffer, _ = self.window.take(x, state, final=False)  # the tail past the end is trimmed
         if self.conv.groups == 1:
-            taps = x.transpose(1, 2) @ weight.reshape(weight.shape[0], -1)  # [B, T, C_out · 2·stride]
+            y = _conv_time_major(buffer, self.kernel, self.phase_bias)  # [B, count, s · C_out]
         else:
-            taps = x.transpose(1, 2)[..., None] * weight[:, 0, :]  # depthwise: [B, T, C, 2·stride]
-        taps = taps.view(batch, steps, channels, 2, stride)
-        blocks = taps[:, :, :, 0]  # heads, [B, T, C_out, stride]
-        blocks[:, 1:] += taps[:, :-1, :, 1]  # each block receives the tail of the step before
-        if state.overlap is not None:
-            blocks[:, 0] += state.overlap
-        state.overlap = taps[:, -1, :, 1].clone()
-        y = blocks.permute(0, 2, 1, 3).reshape(batch, channels, steps * stride)
-        return y if self.conv.bias is None else y + self.conv.bias[:, None]
+            previous, current = buffer[:, :-1, None, :], buffer[:, 1:, None, :]  # [B, count, 1, C]
+            y = previous * self.kernel[0] + current * self.kernel[1]  # [B, count, s, C]
+            if self.phase_bias is not None:
+                y = y + self.phase_bias.view(self.stride, channels)
+        return y.reshape(batch, count * self.stride, channels)

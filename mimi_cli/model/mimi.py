@@ -14,6 +14,8 @@ from .transformer import Transformer
 
 # Long inputs are run this many frames at a time (40 s): bounded memory, same result.
 DEFAULT_CHUNK_FRAMES = 500
+# The convolutional parts run this many frames at a time (4 s): cache-sized activations.
+SEANET_PIECE_FRAMES = 50
 
 
 class MimiModel(nn.Module):
@@ -51,9 +53,43 @@ class MimiModel(nn.Module):
         return self.downsample.conv.weight.dtype
 
     def prepare(self) -> MimiModel:
-        """Derive run-time tables from loaded weights (codebook centroids). Call after loading."""
+        """Derive run-time tensors from the loaded weights (convolution kernels, codebook centroids).
+
+        Call after loading or changing weights.
+        """
         self.quantizer.prepare()
+        for module in self.modules():
+            if isinstance(module, (CausalConv1d, CausalConvTranspose1d)):
+                module.prepare()
         return self
+
+    def encode_latents(self, audio: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        """audio [B, 1, T] at 24 kHz → latents [B, frames, hidden_size] at 12.5 Hz, before quantization.
+
+        The SEANet runs over pieces of `SEANET_PIECE_FRAMES` frames (its activations stay in cache),
+        the transformer over the whole call (its matrix products want long sequences).
+        """
+        stream = stream or Stream(final=True)
+        final = stream.final
+        x = audio.to(self.device, self.dtype).transpose(1, 2)  # time-major from here on
+        piece = SEANET_PIECE_FRAMES * self.config.frame_size
+        latents = []
+        for start in range(0, max(x.shape[1], 1), piece):
+            stream.final = final and start + piece >= x.shape[1]
+            latents.append(self.encoder(x[:, start : start + piece], stream))
+        stream.final = final
+        x = latents[0] if len(latents) == 1 else torch.cat(latents, dim=1)
+        return self.downsample(self.encoder_transformer(x, stream), stream)
+
+    def decode_latents(self, latents: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        """latents [B, frames, hidden_size] → audio [B, 1, frames · frame_size] at 24 kHz."""
+        stream = stream or Stream(final=True)
+        x = self.decoder_transformer(self.upsample(latents.to(self.dtype), stream), stream)
+        piece = SEANET_PIECE_FRAMES * self.config.latent_stride
+        audio = [
+            self.decoder(x[:, start : start + piece], stream) for start in range(0, max(x.shape[1], 1), piece)
+        ]
+        return (audio[0] if len(audio) == 1 else torch.cat(audio, dim=1)).transpose(1, 2)
 
     def to_runtime(self, device: torch.device, dtype: torch.dtype = torch.float32) -> MimiModel:
         """Move to `device`; convolutions and transformers in `dtype`, the quantizer stays float32."""
@@ -127,10 +163,7 @@ class StreamingEncoder:
         model, stream = self.model, self.stream
         self.batch = audio.shape[0]
         stream.final = final
-        latents = model.encoder(audio.to(model.device, model.dtype), stream)
-        latents = model.encoder_transformer(latents, stream)
-        latents = model.downsample(latents, stream)
-        return model.quantizer.encode(latents, self.num_codebooks)
+        return model.quantizer.encode(model.encode_latents(audio, stream), self.num_codebooks)
 
     def finish(self) -> torch.Tensor:
         """The codes of the last frames, completed with the end padding of a whole-input pass."""
@@ -155,7 +188,4 @@ class StreamingDecoder:
             raise ValueError(
                 f"codes must be [B, K, F] with 1 ≤ K ≤ {model.config.num_quantizers}, got {list(codes.shape)}"
             )
-        latents = model.quantizer.decode(codes.to(model.device, torch.long)).to(model.dtype)
-        latents = model.upsample(latents, stream)
-        latents = model.decoder_transformer(latents, stream)
-        return model.decoder(latents, stream)
+        return model.decode_latents(model.quantizer.decode(codes.to(model.device, torch.long)), stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
@@ -52,11 +53,11 @@ class ResidualVectorQuantizer(nn.Module):
         )
 
     def encode(self, latents: torch.Tensor, num_codebooks: int) -> torch.Tensor:
-        """latents: [B, 512, F] → codes [B, K, F] (int64) for the first `num_codebooks` codebooks."""
-        batch, _, frames = latents.shape
+        """latents: [B, F, 512] → codes [B, K, F] (int64) for the first `num_codebooks` codebooks."""
+        batch, frames, _ = latents.shape
         if frames == 0:
             return latents.new_zeros(batch, num_codebooks, 0, dtype=torch.long)
-        residual = self.input_proj(latents.float()).transpose(1, 2).reshape(batch * frames, -1)
+        residual = F.linear(latents.float(), self.input_proj.weight[:, :, 0]).reshape(batch * frames, -1)
         codes = []
         for layer in self.layers[:num_codebooks]:
             indices = layer.codebook.nearest(residual)
@@ -65,14 +66,14 @@ class ResidualVectorQuantizer(nn.Module):
         return torch.stack(codes, dim=1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [B, K, F] → latents [B, 512, F]."""
+        """codes: [B, K, F] → latents [B, F, 512]."""
         if codes.shape[-1] == 0:
-            return self.output_proj.weight.new_zeros(codes.shape[0], self.output_proj.out_channels, 0)
+            return self.output_proj.weight.new_zeros(codes.shape[0], 0, self.output_proj.out_channels)
         total = None
         for k in range(codes.shape[1]):
             vectors = self.layers[k].codebook.embed[codes[:, k]]  # [B, F, 256]
             total = vectors if total is None else total + vectors
-        return self.output_proj(total.transpose(1, 2))
+        return F.linear(total, self.output_proj.weight[:, :, 0])
 
 
 class _VectorQuantizer(nn.Module):
@@ -101,7 +102,7 @@ class SplitResidualVectorQuantizer(nn.Module):
                 module.prepare()
 
     def encode(self, latents: torch.Tensor, num_codebooks: int) -> torch.Tensor:
-        """latents: [B, 512, F] → codes [B, num_codebooks, F] int64."""
+        """latents: [B, F, 512] → codes [B, num_codebooks, F] int64."""
         if not self.num_semantic <= num_codebooks <= self.num_codebooks:
             raise ValueError(
                 f"num_codebooks must be in {self.num_semantic}..{self.num_codebooks}, got {num_codebooks}"
@@ -115,7 +116,7 @@ class SplitResidualVectorQuantizer(nn.Module):
         return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [B, K, F] with 1 ≤ K ≤ num_codebooks → latents [B, 512, F]."""
+        """codes: [B, K, F] with 1 ≤ K ≤ num_codebooks → latents [B, F, 512]."""
         latents = self.semantic_residual_vector_quantizer.decode(codes[:, : self.num_semantic])
         if codes.shape[1] > self.num_semantic:
             latents = latents + self.acoustic_residual_vector_quantizer.decode(codes[:, self.num_semantic :])

@@ -1,4 +1,4 @@
-"""SEANet convolutional encoder and decoder: 24 kHz audio ⇄ 512-dim latents at 25 Hz."""
+"""SEANet convolutional encoder and decoder: 24 kHz audio ⇄ 512-dim latents at 25 Hz (time-major)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _residual_units(config: MimiConfig, dim: int) -> list[nn.Module]:
 
 
 class SeanetEncoder(nn.Module):
-    """audio [B, 1, T] at 24 kHz → latents [B, hidden_size, ceil(T / hop_length)]."""
+    """audio [B, T, 1] at 24 kHz → latents [B, ceil(T / hop_length), hidden_size]."""
 
     def __init__(self, config: MimiConfig) -> None:
         super().__init__()
@@ -71,7 +71,7 @@ class SeanetEncoder(nn.Module):
 
 
 class SeanetDecoder(nn.Module):
-    """latents [B, hidden_size, N] at 25 Hz → audio [B, 1, N · hop_length] at 24 kHz."""
+    """latents [B, N, hidden_size] at 25 Hz → audio [B, N · hop_length, 1] at 24 kHz."""
 
     def __init__(self, config: MimiConfig) -> None:
         super().__init__()

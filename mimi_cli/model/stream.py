@@ -19,8 +19,8 @@ class Stream:
     A layer called without a Stream behaves as a whole-input pass: fresh state, `final` True.
     """
 
-    def __init__(self) -> None:
-        self.final = False
+    def __init__(self, final: bool = False) -> None:
+        self.final = final
         self._states: dict[int, Any] = {}
 
     def state(self, layer: nn.Module, factory: Callable[[], T]) -> T:

@@ -46,7 +46,7 @@ def sliding_window_attention(
         query                     |  a          |   query a sees keys a .. a + window - 1
     """
     batch, heads, steps, dim = q.shape
-    block = block or window
+    block = block or min(window, max(steps, 1))  # a short call needs no window-long query blocks
     span = window - 1 + block
     num_blocks = max(1, math.ceil(steps / block))
     tail = num_blocks * block - steps
@@ -154,7 +154,7 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """x: [B, C, T] → [B, C, T] (channels-first in and out, like the convolutions around it)."""
+    """x: [B, T, C] → [B, T, C]."""
 
     def __init__(self, config: MimiConfig) -> None:
         super().__init__()
@@ -162,18 +162,17 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([TransformerLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        """x: [B, C, T] → [B, C, T]; streamed, positions continue from the previous call."""
+        """x: [B, T, C] → [B, T, C]; streamed, positions continue from the previous call."""
         state, _ = layer_state(stream, self, _Position)
-        steps = x.shape[-1]
+        steps = x.shape[1]
         if steps == 0:
             return x
-        x = x.transpose(1, 2)
         positions = torch.arange(state.offset, state.offset + steps, device=x.device)
         state.offset += steps
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, stream)
-        return x.transpose(1, 2)
+        return x
 
 
 @dataclass
