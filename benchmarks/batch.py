@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
 from weights_factory import random_state, write_hub_layout  # noqa: E402
 
@@ -51,17 +52,6 @@ SEED = 1234
 RATES = (16_000, 22_050, 44_100)
 BUSY = 0.1  # other processes above this share of the CPUs during a run: the figures are not to be trusted
 MIMI = Path(sys.executable).with_name("mimi")  # the console script of this environment
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_average() -> str:

@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
 from weights_factory import random_state, write_hub_layout  # noqa: E402
 
@@ -46,17 +47,6 @@ SAMPLE_RATE = 24_000
 CLI_SECONDS = 5.0
 SEED = 1234
 NOISY_SPREAD = 1.3  # slowest run above this × the fastest: something else was probably using the CPU
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:

@@ -12,6 +12,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -246,21 +247,8 @@ def encode(
     with _errors():
         k = _choose_codebooks(codebooks, bitrate, quiet or as_json)
         if Path(input).is_dir():
-            _batch(
-                "encode",
-                input,
-                output,
-                weights,
-                device,
-                dtype,
-                force,
-                quiet,
-                as_json,
-                glob,
-                jobs,
-                batch_size,
-                k,
-            )
+            folders = _Folders(weights, device, dtype, force, quiet, as_json, glob, jobs, batch_size)
+            _batch("encode", input, output, folders, codebooks=k)
             return
         _check_paths(input, output, force)
         if input != STDIO:
@@ -314,22 +302,8 @@ def decode(
         if codebooks is not None and Path(input).is_dir():
             raise ValueError("--codebooks is not supported for folders")
         if Path(input).is_dir():
-            extra = {"rate": rate, "audio_format": audio_format}
-            _batch(
-                "decode",
-                input,
-                output,
-                weights,
-                device,
-                dtype,
-                force,
-                quiet,
-                as_json,
-                glob,
-                jobs,
-                batch_size,
-                extra,
-            )
+            folders = _Folders(weights, device, dtype, force, quiet, as_json, glob, jobs, batch_size)
+            _batch("decode", input, output, folders, rate=rate, audio_format=audio_format)
             return
         _check_paths(input, output, force)
         from .audio import output_format
@@ -347,20 +321,29 @@ def decode(
         _report(summary, quiet, as_json, data_on_stdout=output == STDIO)
 
 
+@dataclass(frozen=True)
+class _Folders:
+    """The options folder encode and decode share."""
+
+    weights: str | None
+    device: str
+    dtype: str
+    force: bool
+    quiet: bool
+    as_json: bool
+    glob: str | None
+    jobs: int
+    batch_size: int | None
+
+
 def _batch(
     kind: str,
     input: str,
     output: str,
-    weights: str | None,
-    device: str,
-    dtype: str,
-    force: bool,
-    quiet: bool,
-    as_json: bool,
-    glob: str | None,
-    jobs: int,
-    batch_size: int | None,
-    options: Any,
+    opts: _Folders,
+    codebooks: int = DEFAULT_CODEBOOKS,
+    rate: int | str | None = None,
+    audio_format: str | None = None,
 ) -> None:
     """Convert a folder; exit 1 when any file failed."""
     from . import batch
@@ -368,22 +351,22 @@ def _batch(
     in_dir, out_dir = Path(input), Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a folder (IN is a folder, so OUT must be one)")
-    if jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    suffix = ".mimi" if kind == "encode" else batch.decoded_suffix(options["audio_format"])
-    planned = batch.plan(in_dir, out_dir, suffix, glob)
-    model = _load(weights, device, dtype)
-    size = batch_size or (8 if model.device.type == "cuda" else 1)
+    if opts.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
+    suffix = ".mimi" if kind == "encode" else batch.decoded_suffix(audio_format)
+    planned = batch.plan(in_dir, out_dir, suffix, opts.glob)
+    model = _load(opts.weights, opts.device, opts.dtype)
+    size = opts.batch_size or (8 if model.device.type == "cuda" else 1)
     if size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {size}")
-    with _batch_progress(not quiet and not as_json, len(planned)) as progress:
+    force, jobs = opts.force, opts.jobs
+    with _batch_progress(not opts.quiet and not opts.as_json, len(planned)) as progress:
         if kind == "encode":
-            report = batch.encode_batch(model, planned, options, force, jobs, size, progress)
+            report = batch.encode_batch(model, planned, codebooks, force, jobs, size, progress)
         else:
-            rate, audio_format = options["rate"], options["audio_format"]
             report = batch.decode_batch(model, planned, rate, audio_format, force, jobs, size, progress)
     batch.write_manifest(out_dir, report)
-    _batch_report(report, out_dir, quiet, as_json, kind)
+    _batch_report(report, out_dir, opts.quiet, opts.as_json, kind)
     if report.failures:
         raise typer.Exit(1)
 
