@@ -142,6 +142,14 @@ def _make_ogg(folder: Path) -> Path:
     return _write(folder / "in.ogg", 1.2, 32_000, channels=2, subtype="VORBIS", format="OGG")
 
 
+def _make_mp3(folder: Path) -> Path:
+    return _write(folder / "in.mp3", 1.5, 44_100, channels=2, subtype="MPEG_LAYER_III", format="MP3")
+
+
+def _make_aiff(folder: Path) -> Path:
+    return _write(folder / "in.aiff", 1.0, 48_000, subtype="PCM_24", format="AIFF")
+
+
 def _make_wav_8k(folder: Path) -> Path:
     return _write(folder / "in.wav", 1.3, 8_000)
 
@@ -156,6 +164,8 @@ def _make_wav_48k_float(folder: Path) -> Path:
         pytest.param(lambda folder: WAV_22K, id="wav-22k-mono"),
         pytest.param(lambda folder: FLAC_44K_STEREO, id="flac-44k-stereo"),
         pytest.param(_make_ogg, id="ogg-32k-stereo"),
+        pytest.param(_make_mp3, id="mp3-44k-stereo"),
+        pytest.param(_make_aiff, id="aiff-48k-24bit"),
         pytest.param(_make_wav_8k, id="wav-8k-mono"),
         pytest.param(_make_wav_48k_float, id="wav-48k-stereo-float"),
     ],
