@@ -749,3 +749,23 @@ def test_ctrl_c_leaves_nothing_behind(tiny_weights, tmp_path, existing):
     assert b"Traceback" not in stderr + stdout
     assert "interrupted" in _one_line(stderr.decode())
     assert _snapshot(tmp_path) == before  # no output, no temporary file, an old output untouched
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["bar", "quiet"])
+def test_progress_bar_on_a_terminal_only_without_quiet(tiny_weights, tmp_path, monkeypatch, quiet):
+    import io
+
+    from rich.console import Console
+
+    from mimi_cli import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "stderr", Console(file=screen, force_terminal=True, width=120))
+    args = ["encode", str(WAV_22K), str(tmp_path / "a.mimi"), "-w", str(tiny_weights)] + (
+        ["-q"] if quiet else []
+    )
+    assert RUNNER.invoke(cli.app, args).exit_code == 0
+    shown = screen.getvalue()
+    assert ("real time" in shown and "encoding" in shown) is not quiet
+    if quiet:
+        assert shown == ""

@@ -300,3 +300,24 @@ def test_read_info_and_export_codes(tiny, tmp_path):
     assert exported.shape == (5, header.num_frames)
     np.testing.assert_array_equal(exported, stored[1])
     assert returned == stored[0] == header
+
+
+def test_progress_reports_audio_time_done_and_total(tiny, tmp_path):
+    """The CLI's progress bar is fed by these callbacks: monotonic, ending at the full duration."""
+    src = tmp_path / "long.wav"
+    sf.write(src, speech_like(25.0, rate=16_000), 16_000)
+    calls: list[tuple[float, float | None]] = []
+    encode_file(
+        tiny, src, tmp_path / "long.mimi", 8, progress=lambda done, total: calls.append((done, total))
+    )
+    assert len(calls) >= 3  # 10 s chunks
+    assert all(total == pytest.approx(25.0) for _, total in calls)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == pytest.approx(25.0)
+
+    decoded: list[tuple[float, float | None]] = []
+    decode_file(
+        tiny, tmp_path / "long.mimi", tmp_path / "long.wav", progress=lambda d, t: decoded.append((d, t))
+    )
+    assert len(decoded) >= 3 and decoded[-1][0] == pytest.approx(25.04, abs=0.1)
+    assert all(t == pytest.approx(25.0) for _, t in decoded)
