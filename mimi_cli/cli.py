@@ -163,11 +163,22 @@ def _choose_codebooks(codebooks: int | None, bitrate: float | None, quiet: bool)
     return chosen
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def _check_paths(src: str, dst: str, force: bool) -> None:
     from .fsutil import check_output_path
 
     if src != STDIO and dst != STDIO and Path(src).resolve() == Path(dst).resolve():
         raise ValueError(f"{dst}: output would overwrite the input")
+    if src == STDIO and _is_terminal(sys.stdin):
+        raise ValueError("standard input is a terminal: pipe data into '-' (e.g. ffmpeg … -f wav - | mimi …)")
+    if dst == STDIO and _is_terminal(sys.stdout):
+        raise ValueError("standard output is a terminal: redirect '-' to a file or a pipe")
     check_output_path(dst, force)
 
 

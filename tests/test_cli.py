@@ -769,3 +769,20 @@ def test_progress_bar_on_a_terminal_only_without_quiet(tiny_weights, tmp_path, m
     assert ("real time" in shown and "encoding" in shown) is not quiet
     if quiet:
         assert shown == ""
+
+
+@pytest.mark.parametrize(
+    "stream, args", [("stdin", ["encode", "-", "x.mimi"]), ("stdout", ["encode", "IN", "-"])]
+)
+def test_terminals_are_refused_as_data_streams(tmp_path, monkeypatch, stream, args):
+    import sys as system
+
+    from mimi_cli import cli
+
+    monkeypatch.setattr(cli, "_is_terminal", lambda s: s is getattr(system, stream))
+    monkeypatch.chdir(tmp_path)
+    args = [str(WAV_22K) if a == "IN" else a for a in args]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 2
+    assert f"standard {'input' if stream == 'stdin' else 'output'} is a terminal" in result.output
+    assert list(tmp_path.iterdir()) == []
