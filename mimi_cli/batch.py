@@ -357,10 +357,7 @@ def run(
                         break
             refill()
             if batch:
-                try:
-                    outputs = run_model([(job, item) for _, job, item in batch])
-                except (MimiError, ValueError, OSError) as e:
-                    outputs = [e] * len(batch)
+                outputs = _run_model_or_errors(run_model, [(job, item) for _, job, item in batch])
                 for (index, job, _), output in zip(batch, outputs, strict=True):
                     done = output if isinstance(output, (FileResult, Exception)) else None
                     future = pool.completed(done) if done is not None else pool.submit(finish, job, output)
@@ -369,6 +366,19 @@ def run(
                 index, future = finishing.popleft()
                 record(index, _outcome(future.result_or_error(), jobs[index]))
     return BatchReport([results[i] for i in range(len(jobs))], time.perf_counter() - started)
+
+
+def _run_model_or_errors(
+    run_model: Callable[[list[tuple[Job, Any]]], list[Any]], batch: list[tuple[Job, Any]]
+) -> list[Any]:
+    """The model's outputs, or each file's error: a failed batch is retried file by file, so that
+    one bad file does not fail the others."""
+    try:
+        return run_model(batch)
+    except (MimiError, ValueError, OSError) as e:
+        if len(batch) == 1:
+            return [e]
+        return [_run_model_or_errors(run_model, [entry])[0] for entry in batch]
 
 
 def _outcome(value: Any, job: Job) -> Any:

@@ -720,3 +720,17 @@ def test_broken_symlink_is_reported_not_ignored(tmp_path, tiny_weights):
     statuses = _statuses(tmp_path / "out")
     assert statuses == {"a.wav": "done", "gone.wav": "failed"}
     assert "no such file" in _manifest(tmp_path / "out")["gone.wav"]["error"]
+
+
+def test_a_failing_batch_is_retried_file_by_file():
+    """One file that breaks a batched forward pass fails alone; the others of its batch are done."""
+    jobs = [batch.Job(Path(f"{i}.wav"), Path(f"{i}.mimi"), f"{i}.wav", f"{i}.mimi") for i in range(3)]
+
+    def run_model(entries):
+        if any(job.relative == "1.wav" for job, _ in entries):
+            raise ValueError("bad samples in 1.wav")
+        return [f"codes of {job.relative}" for job, _ in entries]
+
+    outputs = batch._run_model_or_errors(run_model, [(job, None) for job in jobs])
+    assert outputs[0] == "codes of 0.wav" and outputs[2] == "codes of 2.wav"
+    assert isinstance(outputs[1], ValueError)
