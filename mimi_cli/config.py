@@ -76,7 +76,7 @@ class MimiConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MimiConfig:
         """Build from a hub `config.json`; unknown keys are ignored, unsupported values refused."""
-        names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in names and v is not None}
         rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
         if isinstance(rope, dict) and "rope_theta" in rope:
@@ -117,7 +117,3 @@ class MimiConfig:
     def frame_size(self) -> int:
         """Audio samples per code frame (1920 for the released model)."""
         return self.hop_length * self.latent_stride
-
-    @property
-    def bits_per_code(self) -> int:
-        return (self.codebook_size - 1).bit_length()
