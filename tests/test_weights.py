@@ -184,3 +184,26 @@ def test_bad_config_json_is_a_weights_error(tmp_path, tiny_state):
     (path.parent / "config.json").write_text("{not json")
     with pytest.raises(WeightsError, match="invalid model config"):
         load_model(path)
+
+
+def test_transformers_nested_layout_loads_like_the_hub_layout(tmp_path, tiny_weights, tiny_state):
+    """transformers ≥ 5 keeps the codec's halves nested (`encoder.encoder_seanet.…`)."""
+    nested = {}
+    for key, value in tiny_state.items():
+        for flat, inside in (
+            ("encoder.layers.", "encoder.encoder_seanet.layers."),
+            ("encoder_transformer.", "encoder.encoder_transformer."),
+            ("downsample.", "encoder.downsample."),
+            ("decoder.layers.", "decoder.decoder_seanet.layers."),
+            ("decoder_transformer.", "decoder.decoder_transformer."),
+            ("upsample.", "decoder.upsample."),
+        ):
+            if key.startswith(flat):
+                key = inside + key[len(flat) :]
+                break
+        nested[key] = value
+    folder = tmp_path / "nested"
+    folder.mkdir()
+    save_file(nested, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hub_config_json(TINY_CONFIG)))
+    assert load_model(folder).fingerprint == load_model(tiny_weights).fingerprint
