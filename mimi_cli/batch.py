@@ -35,7 +35,7 @@ from .codec import (
     whole_frames,
 )
 from .config import FRAME_SIZE
-from .container import write_codes
+from .container import Header, write_codes
 from .errors import MimiError
 from .fsutil import atomic_output
 
@@ -186,9 +186,9 @@ def encode_batch(
     """Encode every job's file to .mimi (see `run`); up-to-date outputs are skipped unless `force`."""
 
     def prepare(job: Job) -> Any:
-        if not force and _encoded_up_to_date(job, model, num_codebooks):
-            header, _ = read_container(job.output)
-            return _skipped(job, header.duration, header.num_frames, header.num_codebooks)
+        header = None if force else _encoded_up_to_date(job, model, num_codebooks)
+        if header is not None:
+            return _result(job, "skipped", header.duration, header.num_frames, num_codebooks)
         info = probe(job.source)
         if info.duration is not None and info.duration > LONG_SECONDS:
             return _Long(info.duration)
@@ -198,12 +198,11 @@ def encode_batch(
     def run_model(batch: list[tuple[Job, Any]]) -> list[Any]:
         import torch
 
-        long = [item for _, item in batch if isinstance(item, _Long)]
-        if long:  # streamed from disk, one at a time (a batch holds one long file)
+        if any(isinstance(item, _Long) for _, item in batch):  # streamed from disk, alone in its batch
             ((job, _),) = batch
             job.output.parent.mkdir(parents=True, exist_ok=True)
             summary = encode_file(model, job.source, job.output, num_codebooks, source_name=job.relative)
-            return [_done(job, summary.duration, summary.frames, num_codebooks, summary.container_bytes)]
+            return [_result(job, "done", summary.duration, summary.frames, num_codebooks)]
         padded = [whole_frames(item.audio) for _, item in batch]
         audio = torch.zeros(len(padded), 1, max(map(len, padded)))
         for row, samples in enumerate(padded):
@@ -220,7 +219,7 @@ def encode_batch(
         job.output.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(job.output) as out:
             write_codes(out, header, item.codes)
-        return _done(job, header.duration, header.num_frames, num_codebooks, job.output.stat().st_size)
+        return _result(job, "done", header.duration, header.num_frames, num_codebooks)
 
     return run(jobs, prepare, run_model, finish, workers, batch_size, progress)
 
@@ -243,7 +242,7 @@ def decode_batch(
         check_fingerprint(header, model, job.relative, force)
         rate = output_rate(sample_rate, header)
         if not force and _decoded_up_to_date(job, header, rate):
-            return _skipped(job, header.duration, header.num_frames, header.num_codebooks)
+            return _result(job, "skipped", header.duration, header.num_frames, header.num_codebooks)
         if header.duration and header.duration > LONG_SECONDS:
             return _Long(header.duration)
         return _Decoding(header, codes, rate)
@@ -255,9 +254,7 @@ def decode_batch(
             ((job, _),) = batch
             job.output.parent.mkdir(parents=True, exist_ok=True)
             summary = decode_file(model, job.source, job.output, sample_rate, None, audio_format, force)
-            return [
-                _done(job, summary.duration, summary.frames, summary.codebooks, job.output.stat().st_size)
-            ]
+            return [_result(job, "done", summary.duration, summary.frames, summary.codebooks)]
         groups: dict[int, list[int]] = {}  # codebook count → rows: one forward pass per count
         for row, (_, item) in enumerate(batch):
             groups.setdefault(item.header.num_codebooks, []).append(row)
@@ -279,7 +276,7 @@ def decode_batch(
         job.output.parent.mkdir(parents=True, exist_ok=True)
         write_audio(job.output, audio, item.rate, audio_format)
         h = item.header
-        return _done(job, h.duration, h.num_frames, h.num_codebooks, job.output.stat().st_size)
+        return _result(job, "done", h.duration, h.num_frames, h.num_codebooks)
 
     return run(jobs, prepare, run_model, finish, workers, batch_size, progress)
 
@@ -445,15 +442,18 @@ def _copy(source: Future, target: Future) -> None:
 # ---------------------------------------------------------------------------------------------- resume
 
 
-def _encoded_up_to_date(job: Job, model: MimiModel, num_codebooks: int) -> bool:
-    """A complete .mimi output, newer than its source, made with these weights and codebooks."""
+def _encoded_up_to_date(job: Job, model: MimiModel, num_codebooks: int) -> Header | None:
+    """The header of a complete .mimi output, newer than its source, made with these weights and
+    codebooks; None when the output must be (re)made."""
     try:
         if job.output.stat().st_mtime_ns < job.source.stat().st_mtime_ns:
-            return False
+            return None
         header, _ = read_container(job.output)  # every CRC and the totals checked
     except (MimiError, OSError):
-        return False
-    return header.num_codebooks == num_codebooks and header.fingerprint == model.fingerprint
+        return None
+    return (
+        header if (header.num_codebooks, header.fingerprint) == (num_codebooks, model.fingerprint) else None
+    )
 
 
 def _decoded_up_to_date(job: Job, header: Any, rate: int) -> bool:
@@ -470,23 +470,17 @@ def _decoded_up_to_date(job: Job, header: Any, rate: int) -> bool:
     return info.sample_rate == rate and len(audio) == output_length(header, rate)
 
 
-def _skipped(job: Job, duration: float | None, frames: int | None, codebooks: int) -> FileResult:
-    return FileResult(
-        job.relative, job.output_relative, "skipped", duration, frames, codebooks,
-        job.source.stat().st_size, job.output.stat().st_size,
-    )  # fmt: skip
-
-
-def _done(job: Job, duration: float | None, frames: int | None, codebooks: int, size: int) -> FileResult:
+def _result(job: Job, status: str, duration: float | None, frames: int | None, codebooks: int) -> FileResult:
+    """The manifest line of a file whose output now exists (sizes read from disk)."""
     return FileResult(
         job.relative,
         job.output_relative,
-        "done",
+        status,
         duration,
         frames,
         codebooks,
         job.source.stat().st_size,
-        size,
+        job.output.stat().st_size,
     )
 
 
