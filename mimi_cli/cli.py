@@ -309,7 +309,7 @@ def decode(
     OUT_DIR (.wav, or --format flac/ogg), skipping complete outputs, and writes a manifest.
     """
     with _errors():
-        rate: int | str = sample_rate if sample_rate == "original" else _parse_rate(sample_rate)
+        rate = _parse_rate(sample_rate)
         if codebooks is not None and Path(input).is_dir():
             raise ValueError("--codebooks is not supported for folders")
         if Path(input).is_dir():
@@ -441,10 +441,13 @@ def _batch_report(report: Any, out_dir: Path, quiet: bool, as_json: bool, kind: 
         )
 
 
-def _parse_rate(text: str) -> int:
-    if not text.isdigit() or not 1000 <= int(text) <= 768_000:
-        raise ValueError(f"--sample-rate must be 'original' or a rate in Hz (1000..768000), got {text!r}")
-    return int(text)
+def _parse_rate(text: str) -> int | str | None:
+    from .codec import parse_sample_rate
+
+    try:
+        return parse_sample_rate(text)
+    except ValueError as e:
+        raise ValueError(f"--sample-rate: {e}") from None
 
 
 @app.command()

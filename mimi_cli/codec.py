@@ -329,15 +329,26 @@ def finish_audio(audio: np.ndarray, header: Header, rate: int) -> np.ndarray:
     return np.pad(audio[:length], (0, max(0, length - len(audio)))).astype(np.float32, copy=False)
 
 
+MIN_OUTPUT_RATE, MAX_OUTPUT_RATE = 1000, 768_000
+
+
+def parse_sample_rate(value: int | str | None) -> int | str | None:
+    """An output rate as given by a user: None (24 kHz), "original", or Hz within the supported range."""
+    if value is None or value == "original":
+        return value
+    if not str(value).isdigit() or not MIN_OUTPUT_RATE <= int(value) <= MAX_OUTPUT_RATE:
+        raise ValueError(
+            f"sample rate must be 'original' or {MIN_OUTPUT_RATE}..{MAX_OUTPUT_RATE} Hz, got {value!r}"
+        )
+    return int(value)
+
+
 def output_rate(sample_rate: int | str | None, header: Header) -> int:
-    if sample_rate is None:
+    """The rate to write at, in Hz, for `sample_rate` as `parse_sample_rate` accepts it."""
+    rate = parse_sample_rate(sample_rate)
+    if rate is None:
         return SAMPLE_RATE
-    if sample_rate == "original":
-        return header.original_sample_rate
-    rate = int(sample_rate)
-    if not 1000 <= rate <= 768_000:
-        raise ValueError(f"sample rate must be 'original' or 1000..768000 Hz, got {sample_rate}")
-    return rate
+    return header.original_sample_rate if rate == "original" else int(rate)
 
 
 def output_length(header: Header, rate: int) -> int:
