@@ -36,7 +36,7 @@ from .codec import (
 )
 from .config import FRAME_SIZE
 from .container import Header, write_codes
-from .errors import MimiError
+from .errors import MimiError, one_line
 from .fsutil import atomic_output
 
 if TYPE_CHECKING:
@@ -380,16 +380,10 @@ def _run_model_or_errors(
 
 def _outcome(value: Any, job: Job) -> Any:
     if isinstance(value, (MimiError, ValueError, OSError)):
-        return FileResult(job.relative, job.output_relative, "failed", error=_message(value))
+        return FileResult(job.relative, job.output_relative, "failed", error=one_line(value))
     if isinstance(value, BaseException):
         raise value
     return value
-
-
-def _message(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename or ''}: {error.strerror}".lstrip(": ")
-    return " ".join(str(error).split())
 
 
 class _Result(Future):

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from . import __version__
 from .config import BITRATE_PER_CODEBOOK, DEFAULT_CODEBOOKS, MAX_CODEBOOKS, codebooks_for_bitrate
-from .errors import MimiError
+from .errors import MimiError, one_line
 
 if TYPE_CHECKING:
     from .codec import Progress, Summary
@@ -130,7 +130,7 @@ def _errors() -> Iterator[None]:
     except (MimiError, ValueError, OSError) as e:
         if os.environ.get("MIMI_DEBUG"):
             traceback.print_exc()
-        _error_line(_one_line(e))
+        _error_line(one_line(e))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         stderr.print("[red]interrupted[/red]")
@@ -138,14 +138,8 @@ def _errors() -> Iterator[None]:
     except Exception as e:  # a bug: still one line, unless debugging
         if os.environ.get("MIMI_DEBUG"):
             raise
-        _error_line(f"{type(e).__name__}: {_one_line(e)} (MIMI_DEBUG=1 for details)", "internal error:")
+        _error_line(f"{type(e).__name__}: {one_line(e)} (MIMI_DEBUG=1 for details)", "internal error:")
         raise typer.Exit(1) from None
-
-
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename or ''}: {error.strerror}".lstrip(": ")
-    return " ".join(str(error).split())
 
 
 def _choose_codebooks(codebooks: int | None, bitrate: float | None, quiet: bool) -> int:

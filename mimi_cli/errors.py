@@ -1,4 +1,4 @@
-"""Exceptions raised by mimi-cli: one base class, one subclass per kind of failure."""
+"""Exceptions raised by mimi-cli (a base class, one subclass per kind of failure) and their text."""
 
 
 class MimiError(Exception):
@@ -19,3 +19,10 @@ class WeightsError(MimiError):
 
 class OutputError(MimiError):
     """An output path cannot be written: it exists (without --force), is a folder, or has no parent folder."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line for people: "path: reason" for OS errors, whitespace collapsed."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename or ''}: {error.strerror}".lstrip(": ")
+    return " ".join(str(error).split())
