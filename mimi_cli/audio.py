@@ -40,7 +40,7 @@ import soxr
 
 from .config import SAMPLE_RATE
 from .errors import AudioError
-from .fsutil import STDIO, atomic_output
+from .fsutil import STDIO, atomic_output, display_name, seekable
 from .wavpipe import WavFormat, is_wav, parse_header, read_blocks, read_upto, stream_header
 
 RESAMPLE_QUALITY = "HQ"  # soxr quality for every resampling, whole-file and streamed
@@ -238,8 +238,8 @@ class _WavStreamReader(_Reader):
 def _open(src: AudioPath) -> _Reader:
     """Open a path, "-" or a binary file object for reading; every failure is an AudioError."""
     if not isinstance(src, (str, os.PathLike)):
-        return _open_stream(_name(src), src, owned=None)
-    name, path = _name(src), os.fspath(src)
+        return _open_stream(display_name(src), src, owned=None)
+    name, path = display_name(src), os.fspath(src)
     if path == STDIO:
         return _open_stream(name, sys.stdin.buffer, owned=None)
     if not os.path.exists(path):
@@ -258,7 +258,7 @@ def _open(src: AudioPath) -> _Reader:
 
 
 def _open_stream(name: str, stream: BinaryIO, owned: BinaryIO | None) -> _Reader:
-    if not _seekable(stream):
+    if not seekable(stream):
         return _open_pipe(name, stream, owned)
     start = stream.tell()
     reader = _SoundFileReader(name, stream, owned=None)
@@ -279,7 +279,7 @@ def _open_pipe(name: str, stream: BinaryIO, owned: BinaryIO | None) -> _Reader:
     if is_wav(head):
         fmt = parse_header(name, stream, consumed)
         if fmt is not None:
-            if fmt.data_bytes is None and _seekable(stream):  # a file, not a pipe: the data runs to its end
+            if fmt.data_bytes is None and seekable(stream):  # a file, not a pipe: the data runs to its end
                 here = stream.tell()
                 fmt = dataclasses.replace(fmt, data_bytes=stream.seek(0, os.SEEK_END) - here)
                 stream.seek(here)
@@ -307,7 +307,7 @@ def output_format(dst: AudioPath, format: str | None = None) -> str:
 
     Stdout and file objects without a known suffix get WAV; an unknown path suffix is an AudioError.
     """
-    name = _name(dst, stdio="<stdout>")
+    name = display_name(dst, stdio="<stdout>")
     if format is not None:
         fmt = OUTPUT_FORMATS.get("." + format.lower().lstrip("."))
         if fmt is None:
@@ -339,7 +339,7 @@ class AudioWriter:
     def __init__(
         self, dst: AudioPath, sample_rate: int, format: str | None = None, channels: int = 1
     ) -> None:
-        self.name = _name(dst, stdio="<stdout>")
+        self.name = display_name(dst, stdio="<stdout>")
         self.format = output_format(dst, format)
         self.subtype = OUTPUT_SUBTYPES[self.format]
         self.sample_rate, self.channels, self.frames = sample_rate, channels, 0
@@ -351,11 +351,11 @@ class AudioWriter:
             if isinstance(dst, (str, os.PathLike)):
                 dst = self._stack.enter_context(atomic_output(dst))
             self._stream = dst
-            if not _seekable(dst) and self.format == "WAV":
+            if not seekable(dst) and self.format == "WAV":
                 dst.write(stream_header(sample_rate, channels))
             else:
                 target = dst
-                if not _seekable(dst):  # libsndfile seeks back to finish FLAC/Ogg headers
+                if not seekable(dst):  # libsndfile seeks back to finish FLAC/Ogg headers
                     target = self._spool = self._stack.enter_context(tempfile.TemporaryFile())
                 self._sf = sf.SoundFile(target, "w", sample_rate, channels, self.subtype, format=self.format)
         except sf.SoundFileError as e:
@@ -425,22 +425,6 @@ class AudioWriter:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _name(src: AudioPath, stdio: str = "<stdin>") -> str:
-    """How messages name an input or output."""
-    if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        return stdio if path == STDIO else str(path)
-    name = getattr(src, "name", None)
-    return name if isinstance(name, str) else "<stream>"
-
-
-def _seekable(stream: BinaryIO) -> bool:
-    try:
-        return bool(stream.seekable())
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 def _reason(e: Exception) -> str:

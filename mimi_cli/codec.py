@@ -24,7 +24,7 @@ from .audio import RESAMPLE_QUALITY, AudioInfo, AudioWriter, resampled_length, s
 from .config import BITRATE_PER_CODEBOOK, FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .container import ContainerReader, ContainerWriter, Header, read_codes
 from .errors import FormatError, MimiError, WeightsError
-from .fsutil import STDIO, atomic_output
+from .fsutil import STDIO, atomic_output, display_name
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,7 @@ def encode_file(
 
     started = time.perf_counter()
     info, blocks = stream_audio(src)
-    name = _display_name(src, "<stdin>")
+    name = display_name(src, "<stdin>")
     header = new_header(info, num_codebooks, model.fingerprint, source_name or Path(name).name)
     from .model import StreamingEncoder
 
@@ -120,7 +120,7 @@ def encode_file(
         final = writer.close(original_length=blocks.frames_read)
     return Summary(
         input=name,
-        output=_display_name(dst, "<stdout>"),
+        output=display_name(dst, "<stdout>"),
         duration=blocks.frames_read / info.sample_rate,
         codebooks=num_codebooks,
         frames=final.num_frames or 0,
@@ -151,7 +151,7 @@ def decode_file(
     from .model import StreamingDecoder
 
     started = time.perf_counter()
-    name = _display_name(src, "<stdin>")
+    name = display_name(src, "<stdin>")
     with _input(src) as raw:
         reader = _read_or_explain(lambda: ContainerReader(raw), name)
         header = reader.header
@@ -183,7 +183,7 @@ def decode_file(
                 writer.write(block)
     return Summary(
         input=name,
-        output=_display_name(dst, "<stdout>"),
+        output=display_name(dst, "<stdout>"),
         duration=final.duration or 0.0,
         codebooks=codebooks,
         frames=final.num_frames or 0,
@@ -222,7 +222,7 @@ def check_fingerprint(header: Header, model: MimiModel, name: str, force: bool) 
 
 def read_info(src: str | os.PathLike[str]) -> tuple[Header, int]:
     """(header with totals, size in bytes) of a .mimi file, every chunk's CRC checked; no weights."""
-    name = _display_name(src, "<stdin>")
+    name = display_name(src, "<stdin>")
     with _input(src) as raw:
         reader = _read_or_explain(lambda: ContainerReader(raw), name)
         for _ in _checked_chunks(reader, name):
@@ -234,7 +234,7 @@ def read_info(src: str | os.PathLike[str]) -> tuple[Header, int]:
 def read_container(src: str | os.PathLike[str]) -> tuple[Header, np.ndarray]:
     """(header, codes int64 [K, frames]) of a .mimi file, every CRC checked; errors name the file."""
     with _input(src) as raw:
-        return _read_or_explain(lambda: read_codes(raw), _display_name(src, "<stdin>"))
+        return _read_or_explain(lambda: read_codes(raw), display_name(src, "<stdin>"))
 
 
 def export_codes(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Header:
@@ -393,10 +393,6 @@ def _input(src: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from e
     with handle:
         yield handle
-
-
-def _display_name(path: str | os.PathLike[str], stdio: str) -> str:
-    return stdio if os.fspath(path) == STDIO else os.fspath(path)
 
 
 class _CountingPipe:

@@ -46,6 +46,7 @@ import numpy as np
 
 from .config import BITS_PER_CODE, FRAME_SIZE, MAX_CODEBOOKS, SAMPLE_RATE
 from .errors import FormatError
+from .fsutil import seekable
 
 MAGIC = b"MIMI"
 FORMAT_VERSION = 1
@@ -220,13 +221,6 @@ def unpack_codes(data: bytes, count: int, bits: int = BITS_PER_CODE) -> np.ndarr
     return bit_matrix.astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
 
 
-def _seekable(fileobj: BinaryIO) -> bool:
-    try:
-        return bool(fileobj.seekable())
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
 class ContainerWriter:
     """Writes a .mimi stream incrementally: header at once, then a chunk per `chunk_frames` frames.
 
@@ -241,7 +235,7 @@ class ContainerWriter:
         self._chunk_frames = chunk_frames
         self._declared = header.totals_known
         # Undeclared totals: patch the header at close if we can seek back, else append an end record.
-        self._start = fileobj.tell() if not self._declared and _seekable(fileobj) else None
+        self._start = fileobj.tell() if not self._declared and seekable(fileobj) else None
         self._pending = np.zeros((header.num_codebooks, 0), dtype=np.int64)
         self._frames = 0
         self._final: Header | None = None
@@ -340,7 +334,7 @@ class ContainerReader:
         self._file = fileobj
         self._offset = 0  # bytes consumed since the start of the container
         self._available: int | None = None  # bytes from the start of the container to EOF, if seekable
-        if _seekable(fileobj):
+        if seekable(fileobj):
             start = fileobj.tell()
             self._available = fileobj.seek(0, 2) - start
             fileobj.seek(start)

@@ -92,3 +92,20 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def display_name(target: str | os.PathLike[str] | BinaryIO, stdio: str = "<stdin>") -> str:
+    """How messages name an input or output: its path, `stdio` for "-", a file object's name."""
+    if isinstance(target, (str, os.PathLike)):
+        path = os.fspath(target)
+        return stdio if path == STDIO else str(path)
+    name = getattr(target, "name", None)
+    return name if isinstance(name, str) else "<stream>"
+
+
+def seekable(stream: BinaryIO) -> bool:
+    """Whether `stream` can seek (pipes, sockets and closed or odd objects cannot)."""
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
