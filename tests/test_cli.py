@@ -760,7 +760,7 @@ def test_progress_bar_on_a_terminal_only_without_quiet(tiny_weights, tmp_path, m
     from mimi_cli import cli
 
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "stderr", Console(file=screen, force_terminal=True, width=120))
+    monkeypatch.setattr(cli.common, "stderr", Console(file=screen, force_terminal=True, width=120))
     args = ["encode", str(WAV_22K), str(tmp_path / "a.mimi"), "-w", str(tiny_weights)] + (
         ["-q"] if quiet else []
     )
@@ -779,7 +779,7 @@ def test_terminals_are_refused_as_data_streams(tmp_path, monkeypatch, stream, ar
 
     from mimi_cli import cli
 
-    monkeypatch.setattr(cli, "_is_terminal", lambda s: s is getattr(system, stream))
+    monkeypatch.setattr(cli.common, "is_terminal", lambda s: s is getattr(system, stream))
     monkeypatch.chdir(tmp_path)
     args = [str(WAV_22K) if a == "IN" else a for a in args]
     result = RUNNER.invoke(app, args)

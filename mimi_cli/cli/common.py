@@ -1,0 +1,204 @@
+"""What the commands share: the app, the consoles, option types, error handling, model loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..config import BITRATE_PER_CODEBOOK, DEFAULT_CODEBOOKS, MAX_CODEBOOKS, codebooks_for_bitrate
+from ..errors import MimiError, one_line
+
+if TYPE_CHECKING:
+    from ..codec import Progress, Summary
+    from ..model import MimiModel
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+STDIO = "-"
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Mimi neural audio codec: speech to a tiny .mimi file and back (1.1–4.4 kbps).",
+)
+
+InputArg = Annotated[
+    str,
+    typer.Argument(metavar="IN", help="Input file or folder, or - for standard input.", show_default=False),
+]
+OutputArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="OUT", help="Output file or folder, or - for standard output.", show_default=False
+    ),
+]
+CodebooksOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--codebooks", "-k", help=f"Codebooks, 1–{MAX_CODEBOOKS} (137.5 bps each).", show_default=False
+    ),
+]
+BitrateOpt = Annotated[
+    float | None,
+    typer.Option("--bitrate", "-b", help="Target kbps: the most codebooks that fit.", show_default=False),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, or bfloat16/float16 on CUDA.")]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        "-w",
+        help="Hub repo id, folder or .safetensors file [default: $MIMI_WEIGHTS or kyutai/mimi].",
+        show_default=False,
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output if it exists.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+GlobOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--glob", help="Folders: files to take (pattern on the relative path or name).", show_default=False
+    ),
+]
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", "-j", help="Folders: reading/writing workers (1 = sequential).")
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Folders: files per forward pass [default: 8 on CUDA, 1 on CPU].",
+        show_default=False,
+    ),
+]
+DEFAULT_JOBS = min(4, os.cpu_count() or 1)
+
+
+def error_line(message: str, label: str = "error:") -> None:
+    """One red label and the message, never read as markup (file names may hold brackets)."""
+    from rich.text import Text
+
+    stderr.print(Text.assemble((label, "red"), " ", " ".join(message.split())), soft_wrap=True)
+
+
+@contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Turn library errors into one red line and an exit code; MIMI_DEBUG=1 shows tracebacks."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (MimiError, ValueError, OSError) as e:
+        if os.environ.get("MIMI_DEBUG"):
+            traceback.print_exc()
+        error_line(one_line(e))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # a bug: still one line, unless debugging
+        if os.environ.get("MIMI_DEBUG"):
+            raise
+        error_line(f"{type(e).__name__}: {one_line(e)} (MIMI_DEBUG=1 for details)", "internal error:")
+        raise typer.Exit(1) from None
+
+
+def choose_codebooks(codebooks: int | None, bitrate: float | None, quiet: bool) -> int:
+    if codebooks is not None and bitrate is not None:
+        raise ValueError("--codebooks and --bitrate are mutually exclusive")
+    if bitrate is not None:
+        chosen = codebooks_for_bitrate(bitrate)
+        if not quiet:
+            kbps = chosen * BITRATE_PER_CODEBOOK / 1000
+            stderr.print(f"--bitrate {bitrate:g} kbps → {chosen} codebooks ({kbps:.4g} kbps)")
+        return chosen
+    chosen = DEFAULT_CODEBOOKS if codebooks is None else codebooks
+    if not 1 <= chosen <= MAX_CODEBOOKS:
+        raise ValueError(f"--codebooks must be in 1..{MAX_CODEBOOKS}, got {chosen}")
+    return chosen
+
+
+def is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def check_paths(src: str, dst: str, force: bool) -> None:
+    from ..fsutil import check_output_path
+
+    if src != STDIO and dst != STDIO and Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"{dst}: output would overwrite the input")
+    if src == STDIO and is_terminal(sys.stdin):
+        raise ValueError("standard input is a terminal: pipe data into '-' (e.g. ffmpeg … -f wav - | mimi …)")
+    if dst == STDIO and is_terminal(sys.stdout):
+        raise ValueError("standard output is a terminal: redirect '-' to a file or a pipe")
+    check_output_path(dst, force)
+
+
+def load_weights(weights: str | None, device: str, dtype: str) -> MimiModel:
+    from ..device import resolve_device, resolve_dtype
+    from ..weights import load_model
+
+    torch_device = resolve_device(device)  # a bad device fails before the weights are read
+    return load_model(weights, torch_device, resolve_dtype(dtype, torch_device))
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr (audio time, × real time, ETA) when stderr is a terminal."""
+    if not enabled or not stderr.is_terminal:
+        yield None
+        return
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    started = time.perf_counter()
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.fields[audio]}"),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(label, total=None, audio="", speed="")
+
+        def update(done: float, total: float | None) -> None:
+            speed = done / max(time.perf_counter() - started, 1e-9)
+            audio = f"{done:.0f}/{total:.0f} s" if total else f"{done:.0f} s"
+            bar.update(task, completed=done, total=total, audio=audio, speed=f"{speed:.1f}× real time")
+
+        yield update
+
+
+def report(summary: Summary, quiet: bool, as_json: bool, data_on_stdout: bool) -> None:
+    if as_json:
+        text = json.dumps(summary.as_dict())
+        (stderr if data_on_stdout else stdout).print(text, soft_wrap=True, markup=False)
+    elif not quiet:
+        stderr.print(
+            f"{summary.output}: {summary.duration:.2f} s, {summary.codebooks} codebooks, "
+            f"{summary.kbps:g} kbps, {summary.container_bytes:,} bytes, "
+            f"{summary.compression_ratio:.0f}:1 vs 16-bit PCM, "
+            f"{summary.realtime_factor:.1f}× real time",
+            soft_wrap=True,
+            markup=False,
+        )

@@ -1,0 +1,255 @@
+"""`mimi encode` and `mimi decode`: files, pipes and folders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..config import DEFAULT_CODEBOOKS
+from . import common
+from .common import (
+    DEFAULT_JOBS,
+    STDIO,
+    BatchSizeOpt,
+    BitrateOpt,
+    CodebooksOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    GlobOpt,
+    InputArg,
+    JobsOpt,
+    JsonOpt,
+    OutputArg,
+    QuietOpt,
+    WeightsOpt,
+    app,
+    check_paths,
+    choose_codebooks,
+    errors_to_exit,
+    load_weights,
+    progress_bar,
+    report,
+)
+
+
+@app.command()
+def encode(
+    input: InputArg,
+    output: OutputArg,
+    codebooks: CodebooksOpt = None,
+    bitrate: BitrateOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    weights: WeightsOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    glob: GlobOpt = None,
+    jobs: JobsOpt = DEFAULT_JOBS,
+    batch_size: BatchSizeOpt = None,
+) -> None:
+    """Encode audio (wav, flac, ogg, mp3, …; any rate and channels) into a .mimi file.
+
+    With folders (IN_DIR OUT_DIR), encodes every audio file below IN_DIR into the same tree under
+    OUT_DIR, skipping outputs that are complete and up to date, and writes OUT_DIR/manifest.jsonl.
+    """
+    with errors_to_exit():
+        k = choose_codebooks(codebooks, bitrate, quiet or as_json)
+        if Path(input).is_dir():
+            folders = _Folders(weights, device, dtype, force, quiet, as_json, glob, jobs, batch_size)
+            _batch("encode", input, output, folders, codebooks=k)
+            return
+        check_paths(input, output, force)
+        if input != STDIO:
+            from ..audio import probe
+
+            probe(input)  # a bad input fails before the weights are loaded
+        model = load_weights(weights, device, dtype)
+        from ..codec import encode_file
+
+        with progress_bar(not quiet, "encoding") as progress:
+            summary = encode_file(model, input, output, k, progress=progress)
+        report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+
+
+@app.command()
+def decode(
+    input: InputArg,
+    output: OutputArg,
+    sample_rate: Annotated[
+        str, typer.Option("--sample-rate", "-r", help="24000 (the model's), 'original', or a rate in Hz.")
+    ] = "24000",
+    codebooks: Annotated[
+        int | None,
+        typer.Option(
+            "--codebooks", "-k", help="Decode with only the first K stored codebooks.", show_default=False
+        ),
+    ] = None,
+    audio_format: Annotated[
+        str | None,
+        typer.Option("--format", help="wav, flac or ogg [default: from the suffix; wav on stdout]"),
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    weights: WeightsOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Overwrite the output; decode even with other weights.")
+    ] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    glob: GlobOpt = None,
+    jobs: JobsOpt = DEFAULT_JOBS,
+    batch_size: BatchSizeOpt = None,
+) -> None:
+    """Decode a .mimi file to audio (WAV, or FLAC/OGG by the output's suffix).
+
+    With folders (IN_DIR OUT_DIR), decodes every .mimi file below IN_DIR into the same tree under
+    OUT_DIR (.wav, or --format flac/ogg), skipping complete outputs, and writes a manifest.
+    """
+    with errors_to_exit():
+        rate = _parse_rate(sample_rate)
+        if codebooks is not None and Path(input).is_dir():
+            raise ValueError("--codebooks is not supported for folders")
+        if Path(input).is_dir():
+            folders = _Folders(weights, device, dtype, force, quiet, as_json, glob, jobs, batch_size)
+            _batch("decode", input, output, folders, rate=rate, audio_format=audio_format)
+            return
+        check_paths(input, output, force)
+        from ..audio import output_format
+
+        output_format(output, audio_format)  # an unsupported format fails before any work
+        if input != STDIO:
+            from ..codec import read_info
+
+            read_info(input)  # a bad .mimi file fails before the weights are loaded
+        model = load_weights(weights, device, dtype)
+        from ..codec import decode_file
+
+        with progress_bar(not quiet, "decoding") as progress:
+            summary = decode_file(model, input, output, rate, codebooks, audio_format, force, progress)
+        report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+
+
+@dataclass(frozen=True)
+class _Folders:
+    """The options folder encode and decode share."""
+
+    weights: str | None
+    device: str
+    dtype: str
+    force: bool
+    quiet: bool
+    as_json: bool
+    glob: str | None
+    jobs: int
+    batch_size: int | None
+
+
+def _batch(
+    kind: str,
+    input: str,
+    output: str,
+    opts: _Folders,
+    codebooks: int = DEFAULT_CODEBOOKS,
+    rate: int | str | None = None,
+    audio_format: str | None = None,
+) -> None:
+    """Convert a folder; exit 1 when any file failed."""
+    from .. import batch
+
+    in_dir, out_dir = Path(input), Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder (IN is a folder, so OUT must be one)")
+    if opts.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
+    suffix = ".mimi" if kind == "encode" else batch.decoded_suffix(audio_format)
+    planned = batch.plan(in_dir, out_dir, suffix, opts.glob)
+    model = load_weights(opts.weights, opts.device, opts.dtype)
+    size = opts.batch_size or (8 if model.device.type == "cuda" else 1)
+    if size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {size}")
+    force, jobs = opts.force, opts.jobs
+    with _batch_progress(not opts.quiet and not opts.as_json, len(planned)) as progress:
+        if kind == "encode":
+            report = batch.encode_batch(model, planned, codebooks, force, jobs, size, progress)
+        else:
+            report = batch.decode_batch(model, planned, rate, audio_format, force, jobs, size, progress)
+    batch.write_manifest(out_dir, report)
+    _batch_report(report, out_dir, opts.quiet, opts.as_json, kind)
+    if report.failures:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _batch_progress(enabled: bool, total: int) -> Iterator[Any]:
+    """One overall bar: files, audio hours, × real time, ETA (stderr, terminals only)."""
+    if not enabled or not common.stderr.is_terminal or not total:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("files"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, TimeRemainingColumn(), console=common.stderr, transient=True) as bar:
+        task = bar.add_task("files", total=total, info="")
+
+        def update(p: Any) -> None:
+            speed = p.audio_seconds / max(p.elapsed, 1e-9)
+            info = f"{p.audio_seconds / 3600:.2f} h audio, {speed:.1f}× real time"
+            bar.update(task, completed=p.files_done, info=info)
+
+        yield update
+
+
+def _batch_report(report: Any, out_dir: Path, quiet: bool, as_json: bool, kind: str) -> None:
+    audio_bytes, mimi_bytes = (report.bytes_in, report.bytes_out)[:: 1 if kind == "encode" else -1]
+    summary = {
+        "files": len(report.results),
+        "done": report.count("done"),
+        "skipped": report.count("skipped"),
+        "failed": report.count("failed"),
+        "audio_hours": round(report.audio_seconds / 3600, 4),
+        "bytes_in": report.bytes_in,
+        "bytes_out": report.bytes_out,
+        "compression_ratio": round(audio_bytes / mimi_bytes, 2) if mimi_bytes else None,
+        "seconds": round(report.seconds, 2),
+        "manifest": str(out_dir / "manifest.jsonl"),
+        "failures": [{"path": r.path, "error": r.error} for r in report.failures],
+    }
+    if as_json:
+        common.stdout.print(json.dumps(summary), soft_wrap=True, markup=False)
+        return
+    if report.failures:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(
+            "file", "reason", title=f"{len(report.failures)} failed", title_style="red", show_lines=False
+        )
+        for failure in report.failures:
+            table.add_row(Text(failure.path), Text(failure.error or ""))
+        common.stderr.print(table)
+    if not quiet or report.failures:
+        ratio = f"{summary['compression_ratio']}:1" if summary["compression_ratio"] else "-"
+        common.stderr.print(
+            f"{summary['files']} files: {summary['done']} done, {summary['skipped']} skipped, "
+            f"{summary['failed']} failed; {report.audio_seconds / 3600:.3f} h of audio, "
+            f"{report.bytes_in:,} → {report.bytes_out:,} bytes ({ratio}), {report.seconds:.1f} s",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+def _parse_rate(text: str) -> int | str | None:
+    from ..codec import parse_sample_rate
+
+    try:
+        return parse_sample_rate(text)
+    except ValueError as e:
+        raise ValueError(f"--sample-rate: {e}") from None
