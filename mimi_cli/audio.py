@@ -29,20 +29,22 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeAlias
+from typing import BinaryIO, TypeAlias, TypeVar
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from .config import SAMPLE_RATE
-from .errors import AudioError
+from .errors import AudioError, os_reason, output_error
 from .fsutil import STDIO, atomic_output, display_name, seekable
+from .safeio import GuardedFile, held_interrupts
 from .wavpipe import WavFormat, is_wav, parse_header, read_blocks, read_upto, stream_header
 
+T = TypeVar("T")
 RESAMPLE_QUALITY = "HQ"  # soxr quality for every resampling, whole-file and streamed
 BLOCK_FRAMES = 16_384  # input frames per streamed block (0.37 s at 44.1 kHz)
 OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG"}
@@ -196,13 +198,11 @@ class _Reader:
 
 
 class _SoundFileReader(_Reader):
-    """A seekable input decoded by libsndfile."""
+    """A seekable input decoded by libsndfile, through a `GuardedFile` (see `safeio`)."""
 
     def __init__(self, name: str, file: BinaryIO, owned: BinaryIO | None) -> None:
-        try:
-            self.sf = sf.SoundFile(file)
-        except sf.SoundFileError as e:
-            raise AudioError(f"{name}: not a readable audio file ({_reason(e)})") from e
+        self.name, self.guarded = name, GuardedFile(file)
+        self.sf = self._call("not a readable audio file", lambda: sf.SoundFile(self.guarded))
         info = AudioInfo(
             self.sf.samplerate, self.sf.channels, self.sf.frames, self.sf.format, self.sf.subtype
         )
@@ -210,16 +210,25 @@ class _SoundFileReader(_Reader):
 
     def blocks(self, frames: int) -> Iterator[np.ndarray]:
         while True:
-            try:
-                block = self.sf.read(frames, dtype="float32", always_2d=True)
-            except sf.SoundFileError as e:
-                raise AudioError(f"{self.name}: cannot decode audio ({_reason(e)})") from e
+            read = lambda: self.sf.read(frames, dtype="float32", always_2d=True)  # noqa: E731
+            block = self._call("cannot decode audio", read)
             if not len(block):
                 return
             yield block
 
+    def _call(self, failure: str, operation: Callable[[], T]) -> T:
+        """One libsndfile call; its errors, and those of the file it reads, as AudioErrors."""
+        try:
+            with self.guarded.call():
+                return operation()
+        except sf.SoundFileError as e:
+            raise AudioError(f"{self.name}: {failure} ({_reason(e)})") from e
+        except OSError as e:
+            raise AudioError(f"{self.name}: cannot read ({os_reason(e)})") from e
+
     def close(self) -> None:
-        self.sf.close()
+        with held_interrupts(), contextlib.suppress(Exception):  # reading: nothing left to lose
+            self.sf.close()
         super().close()
 
 
@@ -345,6 +354,7 @@ class AudioWriter:
         self.sample_rate, self.channels, self.frames = sample_rate, channels, 0
         self._stack = contextlib.ExitStack()
         self._sf: sf.SoundFile | None = None
+        self._guarded: GuardedFile | None = None
         self._spool: BinaryIO | None = None
         self._closed = False
         try:
@@ -352,15 +362,17 @@ class AudioWriter:
                 dst = self._stack.enter_context(atomic_output(dst))
             self._stream = dst
             if not seekable(dst) and self.format == "WAV":
-                dst.write(stream_header(sample_rate, channels))
+                self._io(lambda: dst.write(stream_header(sample_rate, channels)))
             else:
                 target = dst
                 if not seekable(dst):  # libsndfile seeks back to finish FLAC/Ogg headers
                     target = self._spool = self._stack.enter_context(tempfile.TemporaryFile())
-                self._sf = sf.SoundFile(target, "w", sample_rate, channels, self.subtype, format=self.format)
-        except sf.SoundFileError as e:
-            self._abort(type(e), e, e.__traceback__)
-            raise AudioError(f"{self.name}: cannot write {self.format} ({_reason(e)})") from e
+                self._guarded = GuardedFile(target)
+                self._sf = self._io(
+                    lambda: sf.SoundFile(
+                        self._guarded, "w", sample_rate, channels, self.subtype, format=self.format
+                    )
+                )
         except BaseException as e:
             self._abort(type(e), e, e.__traceback__)
             raise
@@ -381,12 +393,9 @@ class AudioWriter:
         else:
             samples = np.clip(x, -1.0, 1.0).astype(np.float32)
         if self._sf is None:
-            self._stream.write(samples.tobytes())
+            self._io(lambda: self._stream.write(samples.tobytes()))
         else:
-            try:
-                self._sf.write(samples)
-            except sf.SoundFileError as e:
-                raise AudioError(f"{self.name}: cannot write {self.format} ({_reason(e)})") from e
+            self._io(lambda: self._sf.write(samples))
         self.frames += len(x)
 
     def close(self) -> None:
@@ -395,24 +404,41 @@ class AudioWriter:
             return
         try:
             if self._sf is not None:
-                self._sf.close()
+                self._io(self._sf.close)
             if self._spool is not None:
-                self._spool.seek(0)
-                shutil.copyfileobj(self._spool, self._stream)
-            self._stream.flush()
+                self._io(lambda: (self._spool.seek(0), shutil.copyfileobj(self._spool, self._stream)))
+            self._io(self._stream.flush)
         except BaseException as e:
             self._abort(type(e), e, e.__traceback__)
             raise
         self._closed = True
         self._stack.close()
 
+    def _io(self, operation: Callable[[], T]) -> T:
+        """One write-side operation; libsndfile's and the OS's errors named after this output.
+
+        libsndfile calls run guarded (`safeio`): an error of the file it writes to, or a Ctrl-C,
+        comes out here rather than being lost in its callbacks.
+        """
+        try:
+            if self._guarded is None:
+                return operation()
+            with self._guarded.call():
+                return operation()
+        except sf.SoundFileError as e:
+            raise AudioError(f"{self.name}: cannot write {self.format} ({_reason(e)})") from e
+        except OSError as e:
+            raise output_error(self.name, e) from e
+
     def _abort(self, *exc_info) -> None:
         """Stop after a failure: a path being written is discarded."""
         self._closed = True
-        if self._sf is not None:
-            with contextlib.suppress(Exception):
-                self._sf.close()
-        self._stack.__exit__(*exc_info)
+        try:
+            if self._sf is not None:
+                with held_interrupts(), contextlib.suppress(Exception):
+                    self._sf.close()
+        finally:
+            self._stack.__exit__(*exc_info)
 
     def __enter__(self) -> AudioWriter:
         return self

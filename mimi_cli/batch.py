@@ -36,7 +36,7 @@ from .codec import (
 )
 from .config import FRAME_SIZE
 from .container import Header, write_codes
-from .errors import MimiError, one_line
+from .errors import MimiError, StorageError, one_line
 from .fsutil import atomic_output
 
 if TYPE_CHECKING:
@@ -77,8 +77,10 @@ class FileResult:
 
 @dataclass
 class BatchReport:
-    results: list[FileResult]
+    results: list[FileResult]  # in job order; a stopped run lists the files it reached
     seconds: float
+    total: int = 0  # jobs planned
+    stopped: str | None = None  # why the run stopped early (the output's file system refused writes)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -312,15 +314,21 @@ def run(
 ) -> BatchReport:
     """Run the three stages over `jobs`; with `workers` > 1, prepare and finish overlap the model.
 
-    A MimiError, ValueError or OSError in any stage fails that file only. Results are in job order.
+    A MimiError, ValueError or OSError in any stage fails that file only, except a `StorageError`
+    (the output's file system refuses writes): then no new file is started, the files in flight are
+    finished, and the report says why it stopped. Results are in job order.
     """
     started = time.perf_counter()
     results: dict[int, FileResult] = {}
     audio_seconds = 0.0
+    stopped: str | None = None
 
-    def record(index: int, result: FileResult) -> None:
-        nonlocal audio_seconds
-        results[index] = result
+    def record(index: int, future: _Result) -> None:
+        nonlocal audio_seconds, stopped
+        value = future.result_or_error()
+        if isinstance(value, StorageError) and stopped is None:
+            stopped = one_line(value)
+        result = results[index] = _outcome(value, jobs[index])
         if result.status == "done":
             audio_seconds += result.duration or 0.0
         if progress:
@@ -338,7 +346,7 @@ def run(
                 queued.append((index, pool.submit(prepare, job)))
 
         refill()
-        while queued:
+        while queued and stopped is None:
             batch: list[tuple[int, Job, Any]] = []
             while queued and len(batch) < batch_size:
                 index, future = queued.popleft()
@@ -359,10 +367,10 @@ def run(
                     done = output if isinstance(output, (FileResult, Exception)) else None
                     future = pool.completed(done) if done is not None else pool.submit(finish, job, output)
                     finishing.append((index, future))
-            while finishing and (finishing[0][1].done() or not queued):
-                index, future = finishing.popleft()
-                record(index, _outcome(future.result_or_error(), jobs[index]))
-    return BatchReport([results[i] for i in range(len(jobs))], time.perf_counter() - started)
+            while finishing and (finishing[0][1].done() or not queued or stopped is not None):
+                record(*finishing.popleft())
+    ordered = [results[i] for i in sorted(results)]
+    return BatchReport(ordered, time.perf_counter() - started, len(jobs), stopped)
 
 
 def _run_model_or_errors(
@@ -426,6 +434,9 @@ class _Executor:
 
 
 def _copy(source: Future, target: Future) -> None:
+    if source.cancelled():  # the pool was shut down before this task started
+        target.cancel()
+        return
     error = source.exception()
     if error is not None:
         target.set_exception(error)

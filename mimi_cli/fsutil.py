@@ -1,4 +1,5 @@
-"""Safe output files: atomic replace-on-success writing and the pre-flight check of an output path."""
+"""Safe output files: atomic replace-on-success writing, OS errors named after the output, and the
+pre-flight check of an output path."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import contextlib
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from .errors import OutputError
+from .errors import FOLDER_ERRNOS, OutputError, output_error
 
+T = TypeVar("T")
 STDIO = "-"  # the path that means stdout (for outputs) or stdin (for inputs)
 
 
@@ -43,25 +45,66 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     exception, KeyboardInterrupt included, the temporary file is removed, the exception propagates and
     an existing file at `path` is left exactly as it was. `"-"` yields `sys.stdout.buffer` (no temporary
     file; flushed at the end, never closed).
+
+    An OS error of the output itself (creating, writing, flushing, syncing or renaming it) is raised
+    as `OutputError("path: reason")`, a `StorageError` when the file system refuses writes as a whole
+    (full, read-only, the folder gone or not writable).
     """
     if os.fspath(path) == STDIO:
-        stdout = sys.stdout.buffer
-        yield stdout
+        stdout = NamedOutput(sys.stdout.buffer, "<stdout>")
+        yield stdout  # type: ignore[misc]
         stdout.flush()
         return
     target = Path(path)
-    fd, temp = _create_temp(target)
+    try:
+        fd, temp = _create_temp(target)
+    except OSError as e:
+        raise output_error(str(target), e, FOLDER_ERRNOS) from e
     try:
         with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, target)
+            named = NamedOutput(file, str(target))
+            yield named  # type: ignore[misc]
+            named.flush()
+            named_errors(str(target), lambda: os.fsync(file.fileno()))
+        named_errors(str(target), lambda: os.replace(temp, target))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
     _fsync_folder(target.parent)
+
+
+def named_errors(name: str, operation: Callable[[], T]) -> T:
+    """Run an operation on the output `name`; its OS error becomes `output_error(name, ...)`."""
+    try:
+        return operation()
+    except OSError as e:
+        raise output_error(name, e) from e
+
+
+class NamedOutput:
+    """A binary output whose OS errors become `OutputError("name: reason")` (see `atomic_output`).
+
+    Everything but writing, flushing and positioning is passed through to the wrapped file.
+    """
+
+    def __init__(self, file: BinaryIO, name: str) -> None:
+        self._file, self.name = file, name
+
+    def write(self, data: Any) -> int:
+        return named_errors(self.name, lambda: self._file.write(data))
+
+    def flush(self) -> None:
+        named_errors(self.name, self._file.flush)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return named_errors(self.name, lambda: self._file.seek(offset, whence))
+
+    def tell(self) -> int:
+        return named_errors(self.name, self._file.tell)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._file, attribute)
 
 
 def _create_temp(target: Path) -> tuple[int, Path]:

@@ -64,7 +64,7 @@ def test_failure_without_previous_file_creates_nothing(tmp_path: Path) -> None:
 
 def test_failed_rename_onto_a_folder_cleans_up(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="dir: is a directory"):
         with atomic_output(tmp_path / "dir") as f:
             f.write(b"data")
     assert _names(tmp_path) == ["dir"]

@@ -1,20 +1,15 @@
 """The `mimi` command: a typer app that wraps the library and turns its errors into exit codes.
 
 One module per command family (`files`: encode/decode, `inspect`: info/codes); `common` holds the
-app, the consoles, shared options and the error handling. Heavy modules (torch, the model, audio
-I/O) are imported inside the commands, so that `mimi --help` and `mimi info` answer at once.
+app, the consoles, shared options and the error handling; `entry` registers the commands and runs
+them. Heavy modules (torch, the model, audio I/O) are imported inside the commands, so that
+`mimi --help` and `mimi info` answer at once.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
-
-import typer
-
-from .. import __version__
-from . import common, files, inspect  # noqa: F401  (importing a command module registers its commands)
-from .common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app, error_line
+from typing import Any
 
 __all__ = ["app", "main"]
 
@@ -22,31 +17,16 @@ __all__ = ["app", "main"]
 def main() -> None:
     """Entry point of the `mimi` console script."""
     try:
-        code = app(standalone_mode=False)
-    except (KeyboardInterrupt, typer.Abort):
-        common.stderr.print("[red]interrupted[/red]")
-        code = EXIT_INTERRUPTED
-    except Exception as e:  # click's usage errors (bad flags or arguments): one line too
-        if not hasattr(e, "format_message"):
-            raise
-        if type(e).__name__ != "NoArgsIsHelpError":  # `mimi` alone: the help was printed already
-            ctx = getattr(e, "ctx", None)
-            command = ctx.command_path if ctx else "mimi"
-            error_line(f"{e.format_message()} (see '{command} --help')")
-        code = getattr(e, "exit_code", EXIT_BAD_INPUT)
-    sys.exit(code if isinstance(code, int) else 0)
+        from .entry import run  # typer, rich and the command modules
+    except KeyboardInterrupt:  # Ctrl-C while starting up: the same one line as later on
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    run()
 
 
-def _version(value: bool) -> None:
-    if value:
-        common.stdout.print(f"mimi-cli {__version__}")
-        raise typer.Exit()
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from .entry import app
 
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
-    ] = False,
-) -> None:
-    """Mimi neural audio codec: speech to a tiny .mimi file and back (1.1–4.4 kbps)."""
+        return app
+    raise AttributeError(f"module 'mimi_cli.cli' has no attribute {name!r}")

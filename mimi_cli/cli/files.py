@@ -12,9 +12,11 @@ from typing import Annotated, Any
 import typer
 
 from ..config import DEFAULT_CODEBOOKS
+from ..errors import OutputError, one_line
 from . import common
 from .common import (
     DEFAULT_JOBS,
+    EXIT_BAD_INPUT,
     STDIO,
     BatchSizeOpt,
     BitrateOpt,
@@ -32,6 +34,7 @@ from .common import (
     app,
     check_paths,
     choose_codebooks,
+    error_line,
     errors_to_exit,
     load_weights,
     progress_bar,
@@ -181,8 +184,21 @@ def _batch(
             report = batch.encode_batch(model, planned, codebooks, force, jobs, size, progress)
         else:
             report = batch.decode_batch(model, planned, rate, audio_format, force, jobs, size, progress)
-    batch.write_manifest(out_dir, report)
+    manifest_error = None
+    try:
+        batch.write_manifest(out_dir, report)
+    except OutputError as e:  # on the disk that stopped the run: said in the stop line, not raised
+        if report.stopped is None:
+            raise
+        manifest_error = one_line(e)
     _batch_report(report, out_dir, opts.quiet, opts.as_json, kind)
+    if report.stopped is not None:
+        manifest = f"manifest not written ({manifest_error})" if manifest_error else "manifest written"
+        error_line(
+            f"stopped: {report.stopped}; {report.count('done')} of {report.total} files done, "
+            f"{report.count('skipped')} skipped; {manifest}; rerun once the disk accepts writes to resume"
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
     if report.failures:
         raise typer.Exit(1)
 
@@ -221,9 +237,12 @@ def _batch_report(report: Any, out_dir: Path, quiet: bool, as_json: bool, kind: 
         "seconds": round(report.seconds, 2),
         "manifest": str(out_dir / "manifest.jsonl"),
         "failures": [{"path": r.path, "error": r.error} for r in report.failures],
+        "stopped": report.stopped,
     }
     if as_json:
         common.stdout.print(json.dumps(summary), soft_wrap=True, markup=False)
+        return
+    if report.stopped is not None:  # one line says it all (see _batch)
         return
     if report.failures:
         from rich.table import Table
