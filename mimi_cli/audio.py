@@ -241,13 +241,19 @@ class _WavStreamReader(_Reader):
         self.stream, self.fmt = stream, fmt
 
     def blocks(self, frames: int) -> Iterator[np.ndarray]:
-        return read_blocks(self.stream, self.fmt, frames)
+        try:
+            yield from read_blocks(self.stream, self.fmt, frames)
+        except OSError as e:
+            raise AudioError(f"{self.name}: cannot read ({os_reason(e)})") from e
 
 
 def _open(src: AudioPath) -> _Reader:
     """Open a path, "-" or a binary file object for reading; every failure is an AudioError."""
     if not isinstance(src, (str, os.PathLike)):
-        return _open_stream(display_name(src), src, owned=None)
+        try:
+            return _open_stream(display_name(src), src, owned=None)
+        except OSError as e:  # the caller's file object failed outside libsndfile
+            raise AudioError(f"{display_name(src)}: cannot read ({os_reason(e)})") from e
     name, path = display_name(src), os.fspath(src)
     if path == STDIO:
         return _open_stream(name, sys.stdin.buffer, owned=None)

@@ -37,7 +37,7 @@ from .codec import (
 from .config import FRAME_SIZE
 from .container import Header, write_codes
 from .errors import MimiError, StorageError, one_line
-from .fsutil import atomic_output
+from .fsutil import atomic_output, make_folders
 
 if TYPE_CHECKING:
     from .model import MimiModel
@@ -202,7 +202,7 @@ def encode_batch(
 
         if any(isinstance(item, _Long) for _, item in batch):  # streamed from disk, alone in its batch
             ((job, _),) = batch
-            job.output.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(job.output.parent)
             summary = encode_file(model, job.source, job.output, num_codebooks, source_name=job.relative)
             return [_result(job, "done", summary.duration, summary.frames, num_codebooks)]
         padded = [whole_frames(item.audio) for _, item in batch]
@@ -218,7 +218,7 @@ def encode_batch(
         if isinstance(item, FileResult):
             return item
         header = new_header(item.info, num_codebooks, model.fingerprint, job.relative, item.info.frames)
-        job.output.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(job.output.parent)
         with atomic_output(job.output) as out:
             write_codes(out, header, item.codes)
         return _result(job, "done", header.duration, header.num_frames, num_codebooks)
@@ -254,7 +254,7 @@ def decode_batch(
 
         if any(isinstance(item, _Long) for _, item in batch):
             ((job, _),) = batch
-            job.output.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(job.output.parent)
             summary = decode_file(model, job.source, job.output, sample_rate, None, audio_format, force)
             return [_result(job, "done", summary.duration, summary.frames, summary.codebooks)]
         groups: dict[int, list[int]] = {}  # codebook count → rows: one forward pass per count
@@ -275,7 +275,7 @@ def decode_batch(
         if isinstance(item, FileResult):
             return item
         audio = finish_audio(item.audio, item.header, item.rate)
-        job.output.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(job.output.parent)
         write_audio(job.output, audio, item.rate, audio_format)
         h = item.header
         return _result(job, "done", h.duration, h.num_frames, h.num_codebooks)
@@ -492,7 +492,7 @@ def _result(job: Job, status: str, duration: float | None, frames: int | None, c
 def write_manifest(out_dir: Path, report: BatchReport) -> Path:
     """OUT_DIR/manifest.jsonl: one JSON object per input, written atomically."""
     path = out_dir / MANIFEST
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folders(out_dir)
     with atomic_output(path) as out:
         for result in report.results:
             out.write((json.dumps(dataclasses.asdict(result)) + "\n").encode())

@@ -60,18 +60,29 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         fd, temp = _create_temp(target)
     except OSError as e:
         raise output_error(str(target), e, FOLDER_ERRNOS) from e
+    file = os.fdopen(fd, "wb")
     try:
-        with os.fdopen(fd, "wb") as file:
-            named = NamedOutput(file, str(target))
-            yield named  # type: ignore[misc]
-            named.flush()
-            named_errors(str(target), lambda: os.fsync(file.fileno()))
+        named = NamedOutput(file, str(target))
+        yield named  # type: ignore[misc]
+        named.flush()
+        named_errors(str(target), lambda: os.fsync(file.fileno()))
+        named_errors(str(target), file.close)
         named_errors(str(target), lambda: os.replace(temp, target))
     except BaseException:
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk it fails again
+            file.close()
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
     _fsync_folder(target.parent)
+
+
+def make_folders(folder: Path) -> None:
+    """`mkdir -p` for an output folder; a refusal is a StorageError (it would refuse every file)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(str(folder), e, FOLDER_ERRNOS) from e
 
 
 def named_errors(name: str, operation: Callable[[], T]) -> T:
