@@ -136,7 +136,7 @@ def test_faults_of_an_output_file_object_come_out_of_the_writer(fmt, capfd):
         with pytest.raises(StorageError, match="no space left on device"):
             _write_file(Faulty(method="write", offset=offset, error=_enospc()), fmt)
         with pytest.raises(StorageError, match="read-only file system"):
-            _write_file(Faulty(method="write", offset=offset, error=OSError(errno.EROFS, os.strerror(errno.EROFS))), fmt)
+            _write_file(Faulty(method="write", offset=offset, error=_os_error(errno.EROFS)), fmt)
         with pytest.raises(KeyboardInterrupt):
             _write_file(Faulty(method="write", offset=offset, error=KeyboardInterrupt()), fmt)
         with pytest.raises(KeyboardInterrupt):
@@ -151,8 +151,12 @@ def test_faults_of_an_output_file_object_come_out_of_the_writer(fmt, capfd):
     _no_lost_exceptions(capfd)
 
 
+def _os_error(number: int) -> OSError:
+    return OSError(number, os.strerror(number))
+
+
 def _enospc() -> OSError:
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _os_error(errno.ENOSPC)
 
 
 def _write_to_memory(fmt: str) -> bytes:
