@@ -108,9 +108,6 @@ def errors_to_exit() -> Iterator[None]:
             traceback.print_exc()
         error_line(one_line(e))
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except KeyboardInterrupt:
-        stderr.print("[red]interrupted[/red]")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as e:  # a bug: still one line, unless debugging
         if os.environ.get("MIMI_DEBUG"):
             raise

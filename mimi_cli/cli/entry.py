@@ -15,9 +15,8 @@ from .common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app, error_line
 def run() -> None:
     """Run the command line: exit 0, 1 (some files of a folder failed), 2 (bad input) or 130 (Ctrl-C)."""
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a Ctrl-C inside a command returns 130 (typer's Exit)
     except (KeyboardInterrupt, typer.Abort):
-        common.stderr.print("[red]interrupted[/red]")
         code = EXIT_INTERRUPTED
     except Exception as e:  # click's usage errors (bad flags or arguments): one line too
         if not hasattr(e, "format_message"):
@@ -27,6 +26,8 @@ def run() -> None:
             command = ctx.command_path if ctx else "mimi"
             error_line(f"{e.format_message()} (see '{command} --help')")
         code = getattr(e, "exit_code", EXIT_BAD_INPUT)
+    if code == EXIT_INTERRUPTED:  # said here only, wherever the interrupt was raised
+        common.stderr.print("[red]interrupted[/red]")
     sys.exit(code if isinstance(code, int) else 0)
 
 

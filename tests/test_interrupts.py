@@ -1,0 +1,109 @@
+"""Ctrl-C at random moments of real `mimi encode` and `mimi decode` runs that spend most of their time
+reading and writing (a long 48 kHz stereo FLAC, tiny weights): every run ends with exit 130, the one
+line `interrupted`, no traceback, and the folder exactly as it was (no output, no temporary file, an
+existing output untouched).
+
+The moments are drawn uniformly between start-up and 60 % of an uninterrupted run measured first in
+the same conditions, so that every signal lands while the command is at work: before its output is
+complete, after the interpreter has started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+MIMI = Path(sys.executable).with_name("mimi")
+RUNS = 20  # per command: 40 interrupted runs in all
+PARALLEL = 2
+
+
+@pytest.fixture(scope="module")
+def long_flac(tmp_path_factory) -> Path:
+    rate, seconds = 48_000, 60
+    t = np.arange(rate * seconds) / rate
+    rng = np.random.default_rng(5)
+    left = 0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 0.3 * t)
+    path = tmp_path_factory.mktemp("long") / "long.flac"
+    sf.write(path, np.stack([left, 0.05 * rng.standard_normal(len(t))], axis=1), rate, subtype="PCM_16")
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("MIMI_DEBUG", "MIMI_WEIGHTS")}
+
+
+def _command(kind: str, src: Path, dst: Path, weights: Path) -> list[str]:
+    extra = ["-r", "original"] if kind == "decode" else []  # decode: resample and FLAC-encode 48 kHz
+    return [str(MIMI), kind, str(src), str(dst), "-w", str(weights), "--force", "-q", *extra]
+
+
+def _uninterrupted_seconds(command: list[str]) -> float:
+    started = time.monotonic()
+    run = subprocess.run(command, capture_output=True, env=_env(), timeout=600)
+    assert run.returncode == 0, run.stderr
+    return time.monotonic() - started
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _interrupted_run(command: list[str], folder: Path, delay: float) -> str | None:
+    """Run `command`, send SIGINT after `delay` seconds; a description of what went wrong, or None."""
+    before = _snapshot(folder)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        time.sleep(delay)
+        if proc.poll() is not None:
+            return f"ended before the signal (exit {proc.returncode}): the delay {delay:.2f} s was too long"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (stdout + stderr).decode(errors="replace")
+    lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    if proc.returncode != 130 or lines != ["interrupted"] or stdout:
+        return f"after {delay:.2f} s: exit {proc.returncode}, output:\n{text}"
+    if _snapshot(folder) != before:
+        return f"after {delay:.2f} s: the folder changed: {sorted(_snapshot(folder))} vs {sorted(before)}"
+    return None
+
+
+@pytest.mark.parametrize("kind", ["encode", "decode"])
+def test_ctrl_c_at_random_moments_ends_every_run_cleanly(kind, long_flac, tiny_weights, tmp_path):
+    src = long_flac
+    if kind == "decode":
+        src = tmp_path / "long.mimi"
+        encode = _command("encode", long_flac, src, tiny_weights)
+        assert subprocess.run(encode, capture_output=True, env=_env(), timeout=600).returncode == 0
+    suffix = ".mimi" if kind == "encode" else ".flac"
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    seconds = _uninterrupted_seconds(_command(kind, src, reference / f"out{suffix}", tiny_weights))
+    assert seconds > 1.0, "the run is too short to be interrupted at random moments"
+    rng = np.random.default_rng(16)
+    delays = rng.uniform(0.25, 0.6 * seconds, RUNS)
+
+    def one(index: int) -> str | None:
+        folder = tmp_path / f"run{index:02}"
+        folder.mkdir()
+        out = folder / f"out{suffix}"
+        if index % 2:
+            out.write_bytes(b"an existing output that must survive")
+        return _interrupted_run(_command(kind, src, out, tiny_weights), folder, float(delays[index]))
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        problems = [p for p in pool.map(one, range(RUNS)) if p is not None]
+    assert problems == [], "\n\n".join(problems)
