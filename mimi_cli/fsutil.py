@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from .errors import FOLDER_ERRNOS, OutputError, output_error
+from .safeio import held_interrupts
 
 T = TypeVar("T")
 STDIO = "-"  # the path that means stdout (for outputs) or stdin (for inputs)
@@ -56,12 +57,14 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         stdout.flush()
         return
     target = Path(path)
+    temp: Path | None = None
     try:
-        fd, temp = _create_temp(target)
-    except OSError as e:
-        raise output_error(str(target), e, FOLDER_ERRNOS) from e
-    file = os.fdopen(fd, "wb")
-    try:
+        with held_interrupts():  # a Ctrl-C between creating the file and owning it would leave it behind
+            try:
+                fd, temp = _create_temp(target)
+            except OSError as e:
+                raise output_error(str(target), e, FOLDER_ERRNOS) from e
+            file = os.fdopen(fd, "wb")
         named = NamedOutput(file, str(target))
         yield named  # type: ignore[misc]
         named.flush()
@@ -69,10 +72,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         named_errors(str(target), file.close)
         named_errors(str(target), lambda: os.replace(temp, target))
     except BaseException:
-        with contextlib.suppress(OSError):  # closing flushes: on a full disk it fails again
-            file.close()
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+        if temp is not None:
+            with contextlib.suppress(OSError):  # closing flushes: on a full disk it fails again
+                file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
         raise
     _fsync_folder(target.parent)
 
