@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +26,13 @@ HUB_CONFIG_FILE = "config.json"
 ORIGINAL_WEIGHTS_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 WEIGHTS_ENV = "MIMI_WEIGHTS"
 FINGERPRINT_BYTES = 8
+PROBE_TIMEOUT = 5.0  # seconds for the hub to answer the first request (HF_HUB_ETAG_TIMEOUT overrides it)
+_HUB_HINT = (
+    f"pass local weights with --weights PATH or {WEIGHTS_ENV}=PATH (a {HUB_WEIGHTS_FILE} or its folder)"
+)
+
+# (file name, bytes done, total bytes or None): called as a download proceeds, never for cached files.
+DownloadProgress = Callable[[str, int, int | None], None]
 
 # Kyutai's original checkpoint → hub layout: (pattern, replacement), applied in order to every key.
 # `in_proj_weight` (q, k and v stacked) is split separately, see `_split_in_proj`.
@@ -66,11 +75,14 @@ class WeightsFiles:
     config: Path | None
 
 
-def resolve_weights(source: str | os.PathLike | None = None) -> WeightsFiles:
+def resolve_weights(
+    source: str | os.PathLike | None = None, download_progress: DownloadProgress | None = None
+) -> WeightsFiles:
     """Find the weights: `source` is a hub repo id, a folder or a `.safetensors` file.
 
     None means `$MIMI_WEIGHTS`, else `kyutai/mimi`. Hub ids go through `huggingface_hub`
-    (honouring `HF_HOME`, `HF_HUB_CACHE` and `HF_HUB_OFFLINE`).
+    (honouring `HF_HOME`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and `HF_ENDPOINT`); a download reports
+    its bytes to `download_progress` (see `DownloadProgress`) and prints nothing.
     """
     source = str(source or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS)
     path = Path(source).expanduser()
@@ -80,7 +92,7 @@ def resolve_weights(source: str | os.PathLike | None = None) -> WeightsFiles:
     if path.is_dir():
         return _resolve_folder(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith(".safetensors"):
-        return _resolve_hub(source)
+        return _resolve_hub(source, download_progress)
     raise WeightsError(f"{source}: no such weights file or folder (nor a hub repo id like 'kyutai/mimi')")
 
 
@@ -97,29 +109,115 @@ def _resolve_folder(folder: Path) -> WeightsFiles:
     return WeightsFiles(candidates[0], None)
 
 
-def _resolve_hub(repo_id: str) -> WeightsFiles:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+def _resolve_hub(repo_id: str, progress: DownloadProgress | None = None) -> WeightsFiles:
+    """Weights of a hub repo: from the cache with no network at all, else downloaded after one probe.
 
-    hint = (
-        f"pass local weights with --weights PATH or {WEIGHTS_ENV}=PATH (a {HUB_WEIGHTS_FILE} or its folder)"
-    )
-    try:
-        try:
-            weights = Path(hf_hub_download(repo_id, HUB_WEIGHTS_FILE))
-        except EntryNotFoundError:
-            return WeightsFiles(Path(hf_hub_download(repo_id, ORIGINAL_WEIGHTS_FILE)), None)
-        try:
-            config: Path | None = Path(hf_hub_download(repo_id, HUB_CONFIG_FILE))
-        except EntryNotFoundError:
-            config = None
-    except LocalEntryNotFoundError as e:
+    A cached copy is used as it is, without asking the hub for a newer one: runs are quick and
+    work offline, and the weights (which `.mimi` files name by fingerprint) change only when the
+    cache does. Otherwise one request without retries (`_check_reachable`) tells an unreachable
+    hub from a reachable one, so a machine without network fails at once rather than after
+    huggingface_hub's backoff retries (about 45 s per file); only then do the downloads start.
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    cached = _from_hub_cache(repo_id)
+    if cached is not None:
+        return cached
+    if constants.HF_HUB_OFFLINE:
         raise WeightsError(
-            f"{repo_id}: weights not in the Hugging Face cache and the hub is unreachable (offline?); {hint}"
+            f"{repo_id}: weights not in the Hugging Face cache and HF_HUB_OFFLINE is set; {_HUB_HINT}"
+        )
+    _check_reachable(repo_id)
+    try:
+        weights = _hub_file_or_none(repo_id, HUB_WEIGHTS_FILE, progress)
+        if weights is None:  # Kyutai's original checkpoint, which comes without a config.json
+            bar = _progress_tqdm(ORIGINAL_WEIGHTS_FILE, progress)
+            return WeightsFiles(Path(hf_hub_download(repo_id, ORIGINAL_WEIGHTS_FILE, tqdm_class=bar)), None)
+        config = _hub_file_or_none(repo_id, HUB_CONFIG_FILE, progress)
+    except (OSError, ValueError) as e:  # huggingface_hub's HTTP errors are OSErrors
+        raise WeightsError(
+            f"{repo_id}: cannot download weights ({type(e).__name__}: {e}); {_HUB_HINT}"
         ) from e
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise WeightsError(f"{repo_id}: cannot download weights ({type(e).__name__}: {e}); {hint}") from e
     return WeightsFiles(weights, config)
+
+
+def _from_hub_cache(repo_id: str) -> WeightsFiles | None:
+    """The repo's weights (and config, or its known absence) from the cache's `main` snapshot, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    weights = try_to_load_from_cache(repo_id, HUB_WEIGHTS_FILE)
+    if isinstance(weights, str):
+        config = try_to_load_from_cache(repo_id, HUB_CONFIG_FILE)
+        if isinstance(config, str):
+            return WeightsFiles(Path(weights), Path(config))
+        # config.json cached as absent: released defaults; not cached at all: fetch it (weights stay cached)
+        return WeightsFiles(Path(weights), None) if config is not None else None
+    original = try_to_load_from_cache(repo_id, ORIGINAL_WEIGHTS_FILE)
+    return WeightsFiles(Path(original), None) if isinstance(original, str) else None
+
+
+def _check_reachable(repo_id: str) -> None:
+    """One HEAD request, no retries: any HTTP answer will do; none within the timeout is a WeightsError.
+
+    It goes through huggingface_hub's HTTP session (its proxies and offline switch) but not through
+    `hf_hub_download`, which on a connection error retries with backoff and first fetches its
+    telemetry registry (one more connection, up to 3 s more) before its own request.
+    """
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import get_session
+
+    timeout = constants.HF_HUB_ETAG_TIMEOUT
+    if timeout == constants.DEFAULT_ETAG_TIMEOUT:
+        timeout = PROBE_TIMEOUT
+    try:
+        get_session().head(hf_hub_url(repo_id, HUB_WEIGHTS_FILE), timeout=timeout)
+    except (
+        Exception
+    ) as e:  # the transport's errors (requests, httpx…) differ between huggingface_hub versions
+        raise WeightsError(
+            f"{repo_id}: weights not in the Hugging Face cache and the hub ({constants.ENDPOINT}) is "
+            f"unreachable ({type(e).__name__}: {e}); {_HUB_HINT}"
+        ) from e
+
+
+def _hub_file_or_none(repo_id: str, filename: str, progress: DownloadProgress | None) -> Path | None:
+    """A file of the repo (downloaded unless cached), None when the hub says the repo has no such file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, tqdm_class=_progress_tqdm(filename, progress)))
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError, but "unreachable", not "absent"
+        raise
+    except EntryNotFoundError:
+        return None
+
+
+def _progress_tqdm(filename: str, progress: DownloadProgress | None) -> type:
+    """A tqdm class for huggingface_hub that never draws, and reports the file's bytes to `progress`."""
+    from tqdm import tqdm
+
+    class Reporter(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)  # huggingface_hub names its bars; plain tqdm has no such argument
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.done = int(kwargs.get("initial") or 0)
+            self.update(0)  # the download starts: its size is known before the first bytes arrive
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += int(n or 0)
+            if progress is not None:
+                total = self.total
+                progress(filename, self.done, int(total) if total else None)
+            return None
+
+        def update_transfer(self, n: int) -> None:
+            """Network bytes of a Xet download: one bar is enough (bytes written go through `update`)."""
+
+        def set_transfer_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+            """Xet's network speed text; the CLI computes its own."""
+
+    return Reporter
 
 
 def load_config(files: WeightsFiles) -> MimiConfig:
@@ -241,15 +339,17 @@ def load_model(
     source: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
+    download_progress: DownloadProgress | None = None,
 ) -> MimiModel:
     """Load Mimi from a hub repo id, a folder or a `.safetensors` file (see `resolve_weights`).
 
     The model is in inference mode on `device` ("auto" = CUDA when available) in `dtype`
-    (float32 by default); its weights fingerprint is `model.fingerprint`.
+    (float32 by default); its weights fingerprint is `model.fingerprint`. A first use of a hub id
+    downloads the weights, reporting to `download_progress(file name, bytes done, total or None)`.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    files = resolve_weights(source)
+    files = resolve_weights(source, download_progress)
     config = load_config(files)
     state = to_hub_layout(read_state_dict(files.weights), config)
     with torch.device("meta"):

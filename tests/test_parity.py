@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from signals import noise, speech_like
 
 from mimi_cli import load_model
+from mimi_cli.codec import encode_file
+from mimi_cli.container import read_codes
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
 
@@ -74,3 +78,31 @@ def test_batch_equals_one_at_a_time(ours):
     codes = ours.encode(batch, 16)
     for i in range(2):
         assert torch.equal(codes[i : i + 1], ours.encode(batch[i : i + 1], 16))
+
+
+def test_mimi_encode_completes_the_last_frame_with_silence(ours, reference, tmp_path):
+    """What README.md and docs/FORMAT.md state about the last partial frame, checked against transformers.
+
+    `mimi encode` (`codec.encode_file`) pads the input with zeros to whole frames, as Kyutai's moshi
+    does; transformers (like `model.encode` on a tensor) pads the last frame layer by layer. So on
+    input padded to a multiple of 1920 samples the codes equal transformers' exactly, and on unpadded
+    input all frames but the last do.
+    """
+    audio = speech_like(2.0)[:-1000]  # 47000 samples: 24 whole frames and 920 samples of one more
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, audio, 24_000, subtype="FLOAT")  # float samples: the file holds exactly `audio`
+    encode_file(ours, wav, tmp_path / "clip.mimi", 32)
+    with open(tmp_path / "clip.mimi", "rb") as f:
+        mimi_codes = torch.from_numpy(read_codes(f)[1].astype(np.int64))[None]
+
+    unpadded = torch.from_numpy(audio)[None, None]
+    padded = torch.nn.functional.pad(unpadded, (0, -len(audio) % 1920))
+    with torch.inference_mode():
+        on_padded = reference.encode(padded, num_quantizers=32).audio_codes
+        on_unpadded = reference.encode(unpadded, num_quantizers=32).audio_codes
+    assert mimi_codes.shape == on_padded.shape == on_unpadded.shape == (1, 32, 25)
+    assert mimi_codes[0, 0].unique().numel() > 8 and mimi_codes.unique().numel() > 200  # codes vary
+    assert torch.equal(mimi_codes, on_padded)
+    assert torch.equal(mimi_codes[..., :-1], on_unpadded[..., :-1])
+    assert (mimi_codes[..., -1] != on_unpadded[..., -1]).sum() > 1  # the last frame is where they part
+    assert torch.equal(ours.encode(unpadded, 32), on_unpadded)  # model.encode pads as transformers does

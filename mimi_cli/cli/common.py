@@ -20,6 +20,7 @@ from ..errors import MimiError, one_line
 if TYPE_CHECKING:
     from ..codec import Progress, Summary
     from ..model import MimiModel
+    from ..weights import DownloadProgress
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -149,12 +150,59 @@ def check_paths(src: str, dst: str, force: bool) -> None:
     check_output_path(dst, force)
 
 
-def load_weights(weights: str | None, device: str, dtype: str) -> MimiModel:
+def load_weights(weights: str | None, device: str, dtype: str, quiet: bool = False) -> MimiModel:
+    """The model; a first download from the hub shows a bar on a terminal unless `quiet`."""
     from ..device import resolve_device, resolve_dtype
     from ..weights import load_model
 
     torch_device = resolve_device(device)  # a bad device fails before the weights are read
-    return load_model(weights, torch_device, resolve_dtype(dtype, torch_device))
+    with download_bar(not quiet) as progress:
+        return load_model(weights, torch_device, resolve_dtype(dtype, torch_device), progress)
+
+
+@contextmanager
+def download_bar(enabled: bool) -> Iterator[DownloadProgress | None]:
+    """A rich bar per downloaded file on stderr (bytes, speed, time left), shown once a download starts.
+
+    The library reports bytes through a callback rather than drawing huggingface_hub's own tqdm
+    bars: it never prints, and the CLI's bars look alike and obey --quiet and the terminal check.
+    Speed is the average since the file's start: huggingface_hub reports bytes in 10 MB steps.
+    """
+    if not enabled or not stderr.is_terminal:
+        yield None
+        return
+    import time
+    from datetime import timedelta
+
+    from rich.filesize import decimal
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    columns = (
+        TextColumn("downloading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TextColumn("{task.fields[left]}"),
+    )
+    bar = Progress(*columns, console=stderr)
+    tasks: dict[str, tuple[Any, float]] = {}
+
+    def update(name: str, done: int, total: int | None) -> None:
+        now = time.perf_counter()
+        if not tasks:
+            bar.start()
+        if name not in tasks:
+            tasks[name] = bar.add_task(name, total=total, speed="", left=""), now
+        task, started = tasks[name]
+        rate = done / max(now - started, 1e-9)
+        speed = f"{decimal(int(rate))}/s" if done else "?"
+        left = str(timedelta(seconds=round((total - done) / rate))) if done and total else "-:--:--"
+        bar.update(task, completed=done, total=total, speed=speed, left=left)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
 
 
 @contextmanager

@@ -74,7 +74,7 @@ def encode(
             from ..audio import probe
 
             probe(input)  # a bad input fails before the weights are loaded
-        model = load_weights(weights, device, dtype)
+        model = load_weights(weights, device, dtype, quiet)
         from ..codec import encode_file
 
         with progress_bar(not quiet, "encoding") as progress:
@@ -132,7 +132,7 @@ def decode(
             from ..codec import read_info
 
             read_info(input)  # a bad .mimi file fails before the weights are loaded
-        model = load_weights(weights, device, dtype)
+        model = load_weights(weights, device, dtype, quiet)
         from ..codec import decode_file
 
         with progress_bar(not quiet, "decoding") as progress:
@@ -174,7 +174,7 @@ def _batch(
         raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
     suffix = ".mimi" if kind == "encode" else batch.decoded_suffix(audio_format)
     planned = batch.plan(in_dir, out_dir, suffix, opts.glob)
-    model = load_weights(opts.weights, opts.device, opts.dtype)
+    model = load_weights(opts.weights, opts.device, opts.dtype, opts.quiet)
     size = opts.batch_size or (8 if model.device.type == "cuda" else 1)
     if size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {size}")
