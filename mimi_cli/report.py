@@ -120,7 +120,7 @@ def write_index(
         link = f'<a href="{html.escape(quote(item["page"]))}">{html.escape(item["relative"])}</a>'
         for i, result in enumerate(item["results"]):
             first = (
-                f'<td rowspan="{len(item["results"])}">{link}<br>{item["duration"]:.2f} s</td>'
+                f'<td class="name" rowspan="{len(item["results"])}">{link}<br>{item["duration"]:.2f} s</td>'
                 if not i
                 else ""
             )
@@ -209,7 +209,9 @@ def _kbps(value: float | None) -> str:
 
 
 def _scores_table(results: Sequence[dict[str, Any]]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(r['label'])}</td>{_result_cells(r)}</tr>" for r in results)
+    rows = "".join(
+        f'<tr><td class="name">{html.escape(r["label"])}</td>{_result_cells(r)}</tr>' for r in results
+    )
     return f"<table><thead>{_result_header('')}</thead><tbody>{rows}</tbody></table>"
 
 
@@ -395,7 +397,7 @@ h3 { font-size: 1em; margin: .8em 0 .3em; }
 code { font-size: .92em; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
-th { background: #f4f4f6; } td:first-child { text-align: left; }
+th { background: #f4f4f6; } td.name { text-align: left; }
 audio { width: 100%; max-width: 560px; display: block; }
 .images { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: .6em; margin-top: .4em; }
 .images img, section > img { max-width: 100%; height: auto; }

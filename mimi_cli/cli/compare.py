@@ -209,8 +209,8 @@ def _folder(
         _folder_tables(in_dir, done, summary, fingerprint)
         if report is not None and not quiet:
             common.stderr.print(f"report: {report}", markup=False, soft_wrap=True)
-    for path, error in failures:
-        common.error_line(f"{path}: {error}", "failed:")
+    for path, error in failures:  # the library's errors mostly name the file already
+        common.error_line(error if Path(path).name in error else f"{path}: {error}", "failed:")
     if failures:
         raise typer.Exit(1)
 
