@@ -59,7 +59,7 @@ def test_white_noise_at_known_snr(speech):
     for snr, scores in by_snr.items():
         assert scores.si_sdr == pytest.approx(snr, abs=0.2)
     worse_to_better = [by_snr[0], by_snr[10], by_snr[20]]
-    for worse, better in zip(worse_to_better, worse_to_better[1:]):
+    for worse, better in zip(worse_to_better, worse_to_better[1:], strict=False):
         assert better.mel_distance < worse.mel_distance
         assert better.spectral_convergence < worse.spectral_convergence
         assert better.stoi > worse.stoi and better.estoi > worse.estoi
@@ -156,7 +156,7 @@ def test_require_extras_names_the_install_line(monkeypatch):
         metrics.require_extras(report=True)
 
 
-# ---------------------------------------------------------------------------------------------- building blocks
+# ------------------------------------------------------------------------------------------ building blocks
 
 
 @pytest.mark.parametrize(("n_fft", "n_mels"), MEL_SCALES)
@@ -195,7 +195,8 @@ def test_stft_magnitudes_match_torch_stft(monkeypatch, block_frames):
 
 
 def test_format_and_json_values():
-    assert [format_value(v, "si_sdr") for v in (math.inf, -math.inf, 12.345, None)] == ["+inf", "-inf", "12.35", "—"]
+    shown = [format_value(v, "si_sdr") for v in (math.inf, -math.inf, 12.345, None)]
+    assert shown == ["+inf", "-inf", "12.35", "—"]
     assert format_value(0.12345, "stoi") == "0.123"
     assert format_value("inf", "si_sdr") == "+inf"  # as read back from JSON
     scores = Scores(1.0, 0.5, 0.25, None, None, None, ("x",))
