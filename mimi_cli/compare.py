@@ -183,6 +183,14 @@ def compare_pair(reference: str | os.PathLike[str], degraded: str | os.PathLike[
     return Comparison(ref_name, info, ref, (rendition,), notes=(*notes, *_notes([rendition])))
 
 
+def check_input(path: str | os.PathLike[str]) -> AudioInfo:
+    """Refuse a .mimi file or an unreadable input early (before any weights are loaded)."""
+    from .audio import probe
+
+    _refuse_mimi(path)
+    return probe(path)
+
+
 def _refuse_mimi(path: str | os.PathLike[str]) -> None:
     if Path(path).suffix.lower() == ".mimi":
         raise MimiError(

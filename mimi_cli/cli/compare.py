@@ -95,11 +95,10 @@ def compare(
             ks = _codebooks(codebooks)
             _folder(Path(input), ks, report_path, glob, (weights, device, dtype), as_json, quiet)
         else:
-            from ..audio import probe
-            from ..compare import compare_file
+            from ..compare import check_input, compare_file
 
             ks = _codebooks(codebooks)
-            probe(input)  # a bad input fails before the weights are loaded
+            check_input(input)  # a bad input fails before the weights are loaded
             model = load_weights(weights, device, dtype)
             with _steps(not quiet and not as_json, "decoding", len(ks)) as progress:
                 comparison = compare_file(model, input, ks, progress)
