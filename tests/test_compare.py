@@ -171,7 +171,8 @@ def test_summarize_mean_and_spread():
         values = {"si_sdr": si_sdr, "mel_distance": 1.0, "spectral_convergence": 0.5}
         return {"codebooks": k, **values, "stoi": None, "estoi": None, "pesq": pesq}
 
-    summary = summarize([result(8, 10.0, 2.0), result(2, 1.0, None), result(8, 20.0, 3.0), result(2, "inf", 1.5)])
+    results = [result(8, 10.0, 2.0), result(2, 1.0, None), result(8, 20.0, 3.0), result(2, "inf", 1.5)]
+    summary = summarize(results)
     assert [row["codebooks"] for row in summary] == [2, 8] and [row["files"] for row in summary] == [2, 2]
     two, eight = summary
     assert eight["si_sdr"] == {"mean": 15.0, "std": 5.0, "min": 10.0, "max": 20.0, "count": 2}
@@ -316,13 +317,21 @@ try:
     code = 0
 except SystemExit as e:
     code = e.code
-print(json.dumps({"code": code, "loaded": sorted(n for n in %r if sys.modules.get(n))}), file=sys.stderr)
-""" % (EXTRAS,)
+extras = json.loads(sys.argv[3])
+print(json.dumps({"code": code, "loaded": sorted(n for n in extras if sys.modules.get(n))}), file=sys.stderr)
+"""
 
 
 def run_without(blocked: list[str], args: list[object]) -> tuple[dict, subprocess.CompletedProcess]:
     result = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT, json.dumps(blocked), json.dumps([str(a) for a in args])],
+        [
+            sys.executable,
+            "-c",
+            RUN_WITHOUT,
+            json.dumps(blocked),
+            json.dumps([str(a) for a in args]),
+            json.dumps(EXTRAS),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
