@@ -311,13 +311,13 @@ import json, sys
 for name in json.loads(sys.argv[1]):
     sys.modules[name] = None  # as if not installed: `import name` raises ImportError
 from mimi_cli.cli import main
+extras = json.loads(sys.argv[3])
 sys.argv = ["mimi", *json.loads(sys.argv[2])]
 try:
     main()
     code = 0
 except SystemExit as e:
     code = e.code
-extras = json.loads(sys.argv[3])
 print(json.dumps({"code": code, "loaded": sorted(n for n in extras if sys.modules.get(n))}), file=sys.stderr)
 """
 
