@@ -84,7 +84,7 @@ def write_page(path: str | os.PathLike[str], comparison: Comparison, index: str 
         curves = _section("Rate–quality curves", _img(curves_png(results), "rate–quality curves"))
     body = [
         f'<p><a href="{html.escape(index)}">← all files</a></p>' if index else "",
-        f"<h1>{html.escape(comparison.name)}</h1>",
+        f"<h1>{html.escape(Path(comparison.name).name)}</h1>",
         _meta_line(comparison),
         _notes(comparison.notes),
         _section("Scores", _scores_table(results)),
@@ -159,7 +159,10 @@ def _now() -> str:
 def _meta_line(comparison: Comparison) -> str:
     info = comparison.info
     channels = f"{info.channels} channel" + ("s" if info.channels > 1 else "")
-    parts = [f"{comparison.duration:.2f} s ({info.sample_rate} Hz, {channels}; scored as mono at 24 kHz)"]
+    parts = [
+        f"<code>{html.escape(comparison.name)}</code>",
+        f"{comparison.duration:.2f} s ({info.sample_rate} Hz, {channels}; scored as mono at 24 kHz)",
+    ]
     if comparison.fingerprint:
         weights = html.escape(comparison.weights or "unknown")
         parts.append(f"weights fingerprint <code>{comparison.fingerprint}</code> ({weights})")
@@ -368,8 +371,8 @@ _SPECTROGRAM_NOTE = (
 )
 _SPREAD_NOTE = "Mean ± standard deviation over the files; the files' own figures are further down."
 _READING_NOTE = (
-    "Arrows in the headings tell which way is better. Figures are computed at 24 kHz on mono signals "
-    "of the original's length; a random-weights model gives figures near the bad end of every scale."
+    "Arrows in the headings tell which way is better. Every figure is computed at 24 kHz on mono signals "
+    "of the original's length."
 )
 
 _TEMPLATE = """<!doctype html>
