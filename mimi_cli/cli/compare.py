@@ -54,7 +54,7 @@ def compare(
         typer.Option(
             "--codebooks",
             "-k",
-            help=f"Numbers of codebooks to compare, comma-separated [default: {DEFAULT_CODEBOOKS_TEXT}].",
+            help=f"Numbers of codebooks to compare, comma-separated \\[default: {DEFAULT_CODEBOOKS_TEXT}].",
             show_default=False,
         ),
     ] = None,
@@ -74,11 +74,12 @@ def compare(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Hear and see what each bitrate costs: SI-SDR, mel distance, spectral convergence, STOI, PESQ.
+    """Hear and see what each bitrate costs: quality metrics per k, curves and a listening page.
 
     Encodes IN once with the most codebooks asked for and decodes it with the first k for each k.
     With a folder, scores every audio file and gives the mean and spread per k. With two files
-    (REFERENCE DEGRADED), scores DEGRADED against REFERENCE. Needs the extra: pip install 'mimi-cli[report]'.
+    (REFERENCE DEGRADED), scores DEGRADED against REFERENCE. Metrics: SI-SDR, mel distance,
+    spectral convergence, STOI/ESTOI, PESQ-WB; they need pip install 'mimi-cli\\[report]'.
     """
     with errors_to_exit():
         from ..metrics import require_extras
