@@ -267,13 +267,19 @@ def log_spectrogram(audio: np.ndarray) -> np.ndarray:
     return (20 * np.log10(np.maximum(magnitude / full_scale, 1e-10))).T.astype(np.float32)
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(figure)  # the Agg canvas, without pyplot's global state
     return figure
+
+
+def _image_axes() -> tuple[Figure, Any, Any]:
+    """A spectrogram's figure, axes and colour-bar axes, at fixed places (faster than a layout engine)."""
+    figure = _figure(5.6, 2.6, layout=None)
+    return figure, figure.add_axes((0.1, 0.19, 0.7, 0.71)), figure.add_axes((0.82, 0.19, 0.022, 0.71))
 
 
 def _png_uri(figure: Figure) -> str:
@@ -283,8 +289,7 @@ def _png_uri(figure: Figure) -> str:
 
 
 def _spectrogram_png(db: np.ndarray, duration: float, scale: tuple[float, float], title: str) -> str:
-    figure = _figure(5.6, 2.6)
-    axes = figure.add_subplot()
+    figure, axes, bar = _image_axes()
     image = axes.imshow(
         np.maximum(db, scale[0]),
         origin="lower",
@@ -296,15 +301,14 @@ def _spectrogram_png(db: np.ndarray, duration: float, scale: tuple[float, float]
         interpolation="nearest",
     )
     _label(axes, title)
-    figure.colorbar(image, ax=axes, label="level (dB)", pad=0.01)
+    figure.colorbar(image, cax=bar, label="level (dB)")
     return _png_uri(figure)
 
 
 def _difference_png(
     db: np.ndarray, reference_db: np.ndarray, duration: float, floor: float, title: str
 ) -> str:
-    figure = _figure(5.6, 2.6)
-    axes = figure.add_subplot()
+    figure, axes, bar = _image_axes()
     difference = np.maximum(db, floor) - np.maximum(reference_db, floor)
     image = axes.imshow(
         difference,
@@ -317,7 +321,7 @@ def _difference_png(
         interpolation="nearest",
     )
     _label(axes, f"{title} − original")
-    figure.colorbar(image, ax=axes, label="difference (dB)", pad=0.01)
+    figure.colorbar(image, cax=bar, label="difference (dB)")
     return _png_uri(figure)
 
 
