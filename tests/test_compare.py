@@ -276,7 +276,7 @@ def test_cli_folder_with_report(tiny_weights, clip, tmp_path):
         pytest.param(["-k", "0,4"], "--codebooks: each value must be in 1..32", id="codebooks"),
         pytest.param(["--report", "{tmp}/r.txt"], "expected a .html file", id="report-suffix"),
         pytest.param(["--report", "{tmp}/no/r.html"], "does not exist", id="report-folder"),
-        pytest.param(["{clip}"], "--codebooks and --weights apply to IN alone", id="pair-with-k", marks=[]),
+        pytest.param(["{clip}"], "--codebooks and --weights apply to IN alone", id="pair-with-k"),
     ],
 )
 def test_cli_refusals(tiny_weights, clip, tmp_path, args, message):
