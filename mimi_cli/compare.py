@@ -1,0 +1,272 @@
+"""What each bitrate costs: one encode at the largest K, one decode per k (the RVQ prefix), metrics per k.
+
+Mimi's codebooks are residual: the first k of the K codes of a frame are exactly the codes an encode
+with k codebooks gives, so one encode at max(ks) and a decode of `codes[:, :k]` per k yields what
+`mimi encode -k k` followed by `mimi decode` would (at 24 kHz). Everything is scored at 24 kHz on
+signals of the input's length (the decode is cut to it). Folders are scored file by file; two audio
+files (REFERENCE DEGRADED) are scored without any model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .audio import AudioInfo, read_audio
+from .config import BITRATE_PER_CODEBOOK, SAMPLE_RATE
+from .errors import AudioError, MimiError, one_line
+from .fsutil import display_name
+from .metrics import METRICS, Scores, json_number, score
+
+if TYPE_CHECKING:
+    from .model import MimiModel
+
+DEFAULT_CODEBOOKS = (2, 4, 8, 16, 32)
+# REFERENCE DEGRADED: lengths (at 24 kHz) may differ by this much (codec padding) and are then both cut
+# to the shorter; a larger difference is refused as "not the same recording".
+MAX_LENGTH_DIFFERENCE = 0.5  # seconds
+Progress = Callable[[int, int], None]
+"""Called with (numbers of codebooks done, in all) after each decode and its scoring."""
+
+
+@dataclass(frozen=True)
+class Rendition:
+    """One degraded version of the reference: decoded with `codebooks` codebooks, or a given file."""
+
+    label: str  # "8 codebooks" or the degraded file's name
+    audio: np.ndarray  # float32 [T] at 24 kHz, T = len(reference)
+    scores: Scores
+    codebooks: int | None = None  # None for a given file
+    kbps: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "codebooks": self.codebooks, "kbps": self.kbps, **self.scores.as_dict()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """An original and its renditions, scored; what the table, `--json` and the report page show."""
+
+    name: str  # the original's display name
+    info: AudioInfo  # the original as read (rate, channels, frames) before resampling
+    reference: np.ndarray  # float32 [T] at 24 kHz
+    renditions: tuple[Rendition, ...]
+    fingerprint: str | None = None  # weights fingerprint (hex); None when no model was used
+    weights: str | None = None  # where the weights came from
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def duration(self) -> float:
+        return len(self.reference) / SAMPLE_RATE
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.name,
+            "duration": round(self.duration, 6),
+            "original_sample_rate": self.info.sample_rate,
+            "original_channels": self.info.channels,
+            "sample_rate": SAMPLE_RATE,
+            "weights": self.weights,
+            "fingerprint": self.fingerprint,
+            "version": __version__,
+            "results": [r.as_dict() for r in self.renditions],
+            "notes": list(self.notes),
+        }
+
+
+def parse_codebooks(text: str, limit: int) -> tuple[int, ...]:
+    """ "2,4,8" → (2, 4, 8): sorted, without repeats, each in 1..limit."""
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(
+            f"--codebooks: expected comma-separated integers such as 2,4,8, got {text!r}"
+        ) from None
+    if not values or values[0] < 1 or values[-1] > limit:
+        raise ValueError(f"--codebooks: each value must be in 1..{limit}, got {text!r}")
+    return tuple(values)
+
+
+def kbps(codebooks: int) -> float:
+    return round(codebooks * BITRATE_PER_CODEBOOK / 1000, 4)
+
+
+def decode_prefixes(model: MimiModel, audio: np.ndarray, codebooks: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """audio float32 [T] at 24 kHz → float32 [T] decoded with the first k codebooks, for each k in order.
+
+    One encode at max(codebooks) (the input completed to whole frames with silence, as `mimi encode`
+    does), then one decode per k, cut to T samples.
+    """
+    import torch
+
+    from .codec import whole_frames
+
+    frames = torch.from_numpy(whole_frames(audio))[None, None]
+    codes = model.encode(frames, max(codebooks))
+    for k in codebooks:
+        yield model.decode(codes[:, :k], length=len(audio))[0, 0].float().cpu().numpy()
+
+
+def compare_audio(
+    model: MimiModel,
+    name: str,
+    audio: np.ndarray,
+    info: AudioInfo,
+    codebooks: tuple[int, ...],
+    progress: Progress | None = None,
+) -> Comparison:
+    """Score the decodes of `audio` (float32 [T] at 24 kHz) with each number of codebooks."""
+    if not np.any(audio):
+        raise AudioError(f"{name}: is silent (all samples zero): the metrics are undefined")
+    renditions = []
+    for k, decoded in zip(codebooks, decode_prefixes(model, audio, codebooks), strict=True):
+        label = f"{k} codebook" + ("s" if k > 1 else "")
+        renditions.append(Rendition(label, decoded, score(audio, decoded, SAMPLE_RATE), k, kbps(k)))
+        if progress:
+            progress(len(renditions), len(codebooks))
+    return Comparison(
+        name,
+        info,
+        audio,
+        tuple(renditions),
+        model.fingerprint.hex(),
+        model.source or None,
+        _notes(renditions),
+    )
+
+
+def compare_file(
+    model: MimiModel,
+    path: str | os.PathLike[str],
+    codebooks: tuple[int, ...],
+    progress: Progress | None = None,
+) -> Comparison:
+    """Read an audio file (any format, rate and channels; downmixed, resampled to 24 kHz) and compare."""
+    _refuse_mimi(path)
+    audio, info = read_audio(path)
+    return compare_audio(model, display_name(path), audio, info, codebooks, progress)
+
+
+def compare_pair(reference: str | os.PathLike[str], degraded: str | os.PathLike[str]) -> Comparison:
+    """Score a degraded file (a decode, another codec's output) against its reference; no model.
+
+    Both are read as mono at 24 kHz (resampled from their own rates). Lengths that differ by at most
+    MAX_LENGTH_DIFFERENCE seconds are both cut to the shorter (noted); larger differences are refused.
+    """
+    _refuse_mimi(reference)
+    _refuse_mimi(degraded)
+    ref, info = read_audio(reference)
+    deg, _ = read_audio(degraded)
+    ref_name, deg_name = display_name(reference), display_name(degraded)
+    if not np.any(ref):
+        raise AudioError(f"{ref_name}: is silent (all samples zero): the metrics are undefined")
+    notes = []
+    if len(ref) != len(deg):
+        gap = abs(len(ref) - len(deg)) / SAMPLE_RATE
+        if gap > MAX_LENGTH_DIFFERENCE:
+            raise AudioError(
+                f"{deg_name}: lasts {len(deg) / SAMPLE_RATE:.3f} s but {ref_name} "
+                f"{len(ref) / SAMPLE_RATE:.3f} s; a degraded copy must be within {MAX_LENGTH_DIFFERENCE} s "
+                "of its reference"
+            )
+        longer = ref_name if len(ref) > len(deg) else deg_name
+        notes.append(f"{longer} is {gap * 1000:.1f} ms longer: both were cut to the shorter length")
+        ref, deg = ref[: len(deg)], deg[: len(ref)]
+    scores = score(ref, deg, SAMPLE_RATE)
+    rendition = Rendition(Path(deg_name).name, deg, scores)
+    return Comparison(ref_name, info, ref, (rendition,), notes=(*notes, *_notes([rendition])))
+
+
+def check_input(path: str | os.PathLike[str]) -> AudioInfo:
+    """Refuse a .mimi file or an unreadable input early (before any weights are loaded)."""
+    from .audio import probe
+
+    _refuse_mimi(path)
+    return probe(path)
+
+
+def _refuse_mimi(path: str | os.PathLike[str]) -> None:
+    if Path(path).suffix.lower() == ".mimi":
+        raise MimiError(
+            f"{path}: a .mimi file cannot be compared directly; compare the original audio, "
+            f"or decode it first (mimi decode {Path(path).name} decoded.wav) and compare ORIGINAL decoded.wav"
+        )
+
+
+def _notes(renditions: list[Rendition]) -> tuple[str, ...]:
+    """The renditions' notes, each once (PESQ absent is the same note for every k)."""
+    return tuple(dict.fromkeys(note for r in renditions for note in r.scores.notes))
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+@dataclass(frozen=True)
+class FolderItem:
+    """One file of a folder: its comparison, or why it failed."""
+
+    relative: str  # path below the input folder, "/"-separated
+    comparison: Comparison | None = None
+    error: str | None = None
+
+
+def discover(in_dir: Path, glob: str | None = None, exclude: Path | None = None) -> list[tuple[str, Path]]:
+    """(relative path, path) of every audio file below `in_dir` (as `mimi encode` selects them),
+    `exclude` (the report's folder) left out."""
+    from .batch import plan
+
+    jobs = plan(in_dir, exclude or Path(os.devnull), ".mimi", glob)  # ".mimi" output: audio inputs
+    if not jobs:
+        raise MimiError(f"{in_dir}: no audio files found" + (f" matching {glob!r}" if glob else ""))
+    return [(job.relative, job.source) for job in jobs]
+
+
+def compare_folder(
+    model: MimiModel, files: list[tuple[str, Path]], codebooks: tuple[int, ...]
+) -> Iterator[FolderItem]:
+    """Compare each file in turn; a file that cannot be read or scored fails alone."""
+    for relative, path in files:
+        try:
+            yield FolderItem(relative, comparison=compare_file(model, path, codebooks))
+        except (MimiError, ValueError, OSError) as e:
+            yield FolderItem(relative, error=one_line(e))
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, standard deviation (population), min and max of each metric per k over files.
+
+    `results` are `Comparison.as_dict()["results"]` lists flattened (one dict per file and k). Files
+    where a metric is None (PESQ absent, STOI undefined) are left out of that metric's figures; ±inf
+    SI-SDR values make the mean ±inf and the spread None.
+    """
+    by_k: dict[int, list[dict[str, Any]]] = {}
+    for result in results:
+        by_k.setdefault(result["codebooks"], []).append(result)
+    summary = []
+    for k in sorted(by_k):
+        row: dict[str, Any] = {"codebooks": k, "kbps": kbps(k), "files": len(by_k[k])}
+        for metric in METRICS:
+            values = np.array([float(r[metric.key]) for r in by_k[k] if r[metric.key] is not None])
+            row[metric.key] = _stats(values)
+        summary.append(row)
+    return summary
+
+
+def _stats(values: np.ndarray) -> dict[str, Any]:
+    if not len(values):
+        return {"mean": None, "std": None, "min": None, "max": None, "count": 0}
+    with np.errstate(invalid="ignore"):
+        mean, std = float(values.mean()), float(values.std())
+    return {
+        "mean": json_number(mean),
+        "std": json_number(std),
+        "min": json_number(float(values.min())),
+        "max": json_number(float(values.max())),
+        "count": len(values),
+    }
