@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint bench bench-memory bench-batch
+.PHONY: install test test-gpu lint bench bench-memory bench-batch bench-gpu
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# CUDA tests (skipped with the reason where no GPU is visible); -s prints the measured agreement figures
+test-gpu: install
+	$(PY) -m pytest -q -s -m cuda tests/test_gpu.py
+
 lint: install
 	$(VENV)/bin/ruff check mimi_cli tests examples benchmarks
 	$(VENV)/bin/ruff format --check mimi_cli tests examples benchmarks
@@ -31,3 +35,6 @@ bench-memory: install
 
 bench-batch: install
 	$(PY) benchmarks/batch.py
+
+bench-gpu: install
+	$(PY) benchmarks/gpu.py

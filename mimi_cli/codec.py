@@ -97,6 +97,7 @@ def encode_file(
     info, blocks = stream_audio(src)
     name = display_name(src, "<stdin>")
     header = new_header(info, num_codebooks, model.fingerprint, source_name or Path(name).name)
+    from .device import to_device
     from .model import StreamingEncoder
 
     encoder = StreamingEncoder(model, num_codebooks)
@@ -110,7 +111,7 @@ def encode_file(
             done = 0
             for piece in _rechunk(blocks, chunk, pad_to=FRAME_SIZE):
                 done += len(piece)
-                yield encoder.push(torch.from_numpy(piece)[None, None]), done
+                yield encoder.push(to_device(torch.from_numpy(piece)[None, None], model.device)), done
             yield encoder.finish(), done  # whole frames: no end padding is left to add
 
         for codes, done in _one_ahead(encoded()):
@@ -148,6 +149,7 @@ def decode_file(
     """
     import torch
 
+    from .device import to_device
     from .model import StreamingDecoder
 
     started = time.perf_counter()
@@ -170,7 +172,7 @@ def decode_file(
                 for start in range(0, chunk.shape[1], step):  # container chunks hold up to 20 s
                     codes = torch.from_numpy(chunk[:codebooks, start : start + step])
                     done += codes.shape[1]
-                    yield decoder.push(codes[None]), done
+                    yield decoder.push(to_device(codes[None], model.device)), done
 
         with AudioWriter(dst, rate, audio_format) as writer:
             for audio, done in _one_ahead(decoded()):

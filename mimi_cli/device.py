@@ -1,4 +1,5 @@
-"""Device and dtype selection: "auto" | "cpu" | "cuda" | "cuda:N"; float32 unless asked otherwise."""
+"""Device and dtype selection ("auto" | "cpu" | "cuda" | "cuda:N"; float32 unless asked otherwise),
+TF32 and host → device copies."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
+    "tf32": torch.float32,  # float32 tensors, TensorFloat-32 matrix products and convolutions (CUDA)
 }
 
 
@@ -38,15 +40,41 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float32 by default; bfloat16/float16 only on CUDA (CPU kernels for them are slow or missing)."""
+    """float32 by default; bfloat16/float16 only on CUDA (CPU kernels for them are slow or missing).
+
+    "tf32" is float32 (see `set_tf32`), CUDA only too.
+    """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} (expected float32, bfloat16 or float16)")
+            raise ValueError(f"unknown dtype {dtype!r} (expected float32, tf32, bfloat16 or float16)")
+        if dtype.lower() == "tf32" and device.type != "cuda":
+            raise ValueError(f"dtype tf32 is only supported on CUDA; use float32 on {device.type}")
         dtype = _DTYPES[dtype.lower()]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported dtype {dtype} (expected float32, bfloat16 or float16)")
     if dtype != torch.float32 and device.type != "cuda":
         raise ValueError(f"dtype {dtype} is only supported on CUDA; use float32 on {device.type}")
     return dtype
+
+
+def set_tf32(enabled: bool) -> None:
+    """TensorFloat-32 on or off for float32 matrix products and cuDNN convolutions (torch's process-wide
+    flags; for the CLI, which owns its process).
+
+    PyTorch lets cuDNN convolutions use TF32 by default: float32 on CUDA then rounds inputs to 10-bit
+    mantissas and its codes drift from the CPU's. Off, float32 is IEEE float32 on every device.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To CUDA through pinned memory without waiting: a plain (pageable)
+    copy synchronises with the device, so the host could not queue the next chunk's work while
+    the device is still busy with this one."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    # contiguous first: a strided source would be copied again into pageable memory by `.to`
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)

@@ -455,6 +455,7 @@ BAD_INPUT = [
     _bad("encode-cuda", "encode clip.wav out.mimi --device cuda", "cuda", "CUDA"),
     _bad("encode-cuda-1", "encode clip.wav out.mimi --device cuda:1", "cuda:1", "CUDA"),
     _bad("encode-fp16-on-cpu", "encode clip.wav out.mimi --dtype float16", "float16", "CUDA"),
+    _bad("encode-tf32-on-cpu", "encode clip.wav out.mimi --dtype tf32", "tf32", "CUDA"),
     _bad("encode-codebooks-0", "encode clip.wav out.mimi -k 0", "--codebooks", "0"),
     _bad("encode-codebooks-33", "encode clip.wav out.mimi --codebooks 33", "--codebooks", "33"),
     _bad("encode-bitrate-0.1", "encode clip.wav out.mimi --bitrate 0.1", "bitrate", "0.1", "below one"),

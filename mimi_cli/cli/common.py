@@ -57,7 +57,7 @@ BitrateOpt = Annotated[
     typer.Option("--bitrate", "-b", help="Target kbps: the most codebooks that fit.", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, or bfloat16/float16 on CUDA.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, or tf32/bfloat16/float16 on CUDA.")]
 WeightsOpt = Annotated[
     str | None,
     typer.Option(
@@ -152,12 +152,15 @@ def check_paths(src: str, dst: str, force: bool) -> None:
 
 def load_weights(weights: str | None, device: str, dtype: str, quiet: bool = False) -> MimiModel:
     """The model; a first download from the hub shows a bar on a terminal unless `quiet`."""
-    from ..device import resolve_device, resolve_dtype
+    from ..device import resolve_device, resolve_dtype, set_tf32
     from ..weights import load_model
 
     torch_device = resolve_device(device)  # a bad device fails before the weights are read
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if torch_device.type == "cuda":  # float32 is IEEE float32 unless tf32 is asked for
+        set_tf32(dtype.lower() == "tf32")
     with download_bar(not quiet) as progress:
-        return load_model(weights, torch_device, resolve_dtype(dtype, torch_device), progress)
+        return load_model(weights, torch_device, torch_dtype, progress)
 
 
 @contextmanager

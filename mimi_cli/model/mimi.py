@@ -92,9 +92,12 @@ class MimiModel(nn.Module):
         return (audio[0] if len(audio) == 1 else torch.cat(audio, dim=1)).transpose(1, 2)
 
     def to_runtime(self, device: torch.device, dtype: torch.dtype = torch.float32) -> MimiModel:
-        """Move to `device`; convolutions and transformers in `dtype`, the quantizer stays float32."""
-        self.to(device=device, dtype=dtype)
-        self.quantizer.float()
+        """Move to `device`; convolutions and transformers in `dtype`, the quantizer stays float32.
+
+        The quantizer is moved without a cast: a round trip through `dtype` would round its centroids.
+        """
+        for child in self.children():
+            child.to(device=device, dtype=torch.float32 if child is self.quantizer else dtype)
         return self
 
     @torch.inference_mode()
