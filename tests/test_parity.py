@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from codes import flipped_decisions
 from signals import noise, speech_like
 
 from mimi_cli import load_model
@@ -14,8 +15,10 @@ from mimi_cli.container import read_codes
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
 
-# RVQ picks the nearest centroid; a float rounding difference can flip a near-tie (and the codes
-# after it in that frame). We accept at most this fraction of differing codes.
+# RVQ picks the nearest centroid; a float rounding difference (other CPU kernels, other thread
+# counts) can flip a near-tie, and then the later codes of that frame follow from another residual.
+# We accept at most this fraction of flipped decisions: codes that differ where every earlier
+# codebook of the frame agreed.
 MAX_CODE_MISMATCH = 0.001
 MAX_AUDIO_DIFF = 1e-4
 
@@ -39,6 +42,15 @@ SIGNALS = [
 ]
 
 
+def test_flipped_decisions_count_a_cascade_once():
+    expected = torch.zeros(1, 4, 10, dtype=torch.long)
+    codes = expected.clone()
+    codes[0, 1:, 3] = 7  # one flip at codebook 1 of frame 3, and the codes after it follow
+    assert flipped_decisions(codes, expected) == 1 / 40
+    codes[0, 0, 5] = 1  # a second, independent flip
+    assert flipped_decisions(codes, expected) == 2 / 40
+
+
 @pytest.mark.parametrize("make_signal, seconds", SIGNALS)
 def test_codes_and_audio_match_transformers(ours, reference, make_signal, seconds):
     audio = torch.from_numpy(make_signal(seconds))[None, None]
@@ -48,8 +60,8 @@ def test_codes_and_audio_match_transformers(ours, reference, make_signal, second
             expected = reference.encode(audio, num_quantizers=k).audio_codes
         codes = ours.encode(audio, num_codebooks=k)
         assert codes.shape == expected.shape == (1, k, frames)
-        mismatch = (codes != expected).float().mean().item()
-        assert mismatch <= MAX_CODE_MISMATCH, f"K={k}: {mismatch:.4%} of codes differ"
+        mismatch = flipped_decisions(codes, expected)
+        assert mismatch <= MAX_CODE_MISMATCH, f"K={k}: {mismatch:.4%} of decisions differ"
         # the comparison means something only if the codes vary
         assert expected[0, 0].unique().numel() > frames // 4
         assert expected.unique().numel() > min(50, k * frames // 4)
