@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import common, files, inspect  # noqa: F401  (importing a command module registers its commands)
+from . import common, corpus, files, inspect  # noqa: F401  (importing a command module registers its commands)
 from .common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app, error_line
 
 __all__ = ["app", "main"]

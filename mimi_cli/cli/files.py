@@ -225,16 +225,7 @@ def _batch_report(report: Any, out_dir: Path, quiet: bool, as_json: bool, kind: 
     if as_json:
         common.stdout.print(json.dumps(summary), soft_wrap=True, markup=False)
         return
-    if report.failures:
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(
-            "file", "reason", title=f"{len(report.failures)} failed", title_style="red", show_lines=False
-        )
-        for failure in report.failures:
-            table.add_row(Text(failure.path), Text(failure.error or ""))
-        common.stderr.print(table)
+    common.print_failures([(failure.path, failure.error or "") for failure in report.failures])
     if not quiet or report.failures:
         ratio = f"{summary['compression_ratio']}:1" if summary["compression_ratio"] else "-"
         common.stderr.print(
