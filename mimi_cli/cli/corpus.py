@@ -83,7 +83,7 @@ def tokenize(
         from ..corpus import tokenize as run
 
         k = choose_codebooks(codebooks, bitrate, quiet or as_json)
-        size = batch_size or (8 if device.startswith("cuda") else 1)
+        size = batch_size if batch_size is not None else (8 if device.startswith("cuda") else 1)
         opts = TokenizeOptions(
             k, engine, address, shard_size, audio_column, weights, device, dtype, size, jobs, actors, force
         )

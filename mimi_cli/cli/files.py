@@ -123,8 +123,16 @@ def decode(
             return
         check_paths(input, output, force)
         from ..audio import output_format
+        from ..codec import decode_npy, is_npy, read_npy_codes
 
         output_format(output, audio_format)  # an unsupported format fails before any work
+        if is_npy(input):  # a codes array: [K, frames] or [1, K, frames]
+            if input != STDIO:
+                read_npy_codes(input)  # bad shapes or codes fail before the weights are loaded
+            model = load_weights(weights, device, dtype)
+            summary = decode_npy(model, input, output, rate, codebooks, audio_format)
+            report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+            return
         if input != STDIO:
             from ..codec import read_info
 

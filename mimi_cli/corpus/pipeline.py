@@ -40,6 +40,8 @@ def tokenize(src: Path, out_dir: Path, opts: TokenizeOptions, progress: Progress
     started = time.perf_counter()
     if opts.engine not in ENGINES:
         raise ValueError(f"--engine must be local or ray, got {opts.engine!r}")
+    if opts.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {opts.shard_size}")
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.actors is not None and opts.actors < 1:
