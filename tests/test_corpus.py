@@ -115,7 +115,7 @@ def test_folder_rows_schema_and_codes_equal_per_file_encode(dataset, corpus, enc
     ids = table.column("id").to_pylist()
     assert ids == sorted(g[0] for g in GOOD)  # sorted, failures left out, each once
     rows = read_rows(out)
-    for relative, rate, channels, seconds in GOOD:
+    for relative, rate, channels, _ in GOOD:
         row = rows[relative]
         codes = np.array(row["codes"], np.int16)
         np.testing.assert_array_equal(codes, encoded[relative])  # exactly what `mimi encode` writes
@@ -235,7 +235,12 @@ def test_parquet_tables_with_bytes_paths_and_carried_columns(table, dataset, tin
     code, output = tokenize(table, tmp_path / "t", tiny_weights, "--shard-size", 4)
     assert code == 1
     rows, reference = read_rows(tmp_path / "t"), read_rows(out)
-    assert list(rows) == ["train-00000.parquet:0", "train-00000.parquet:1", "train-00001.parquet:0", "train-00001.parquet:1"]
+    assert list(rows) == [
+        "train-00000.parquet:0",
+        "train-00000.parquet:1",
+        "train-00001.parquet:0",
+        "train-00001.parquet:1",
+    ]
     assert rows["train-00000.parquet:0"]["codes"] == reference["a.wav"]["codes"]  # bytes only
     assert rows["train-00000.parquet:1"]["codes"] == reference["b.flac"]["codes"]  # path only
     assert rows["train-00001.parquet:1"]["codes"] == reference["sub/c.wav"]["codes"]  # bytes win
@@ -304,11 +309,21 @@ def test_rerun_redoes_only_missing_or_incomplete_shards(corpus, dataset, tiny_we
     assert np.array(read_dataset(out).column("codes")[0].as_py()).shape[0] == 4
 
 
+def test_an_output_folder_inside_src_is_never_read_as_input(tiny_weights, tmp_path) -> None:
+    corpus = make_many(tmp_path / "src", 3, seconds=0.5)
+    out = corpus / "tokens"
+    assert tokenize(corpus, out, tiny_weights)[0] == 0
+    code, output = tokenize(corpus, out, tiny_weights)  # its shards are no Parquet SRC, its files no inputs
+    assert code == 0 and "3 inputs" in output and "0 shards written, 1 kept" in output
+
+
 def test_killed_driver_then_rerun_equals_an_uninterrupted_run(tiny_weights, tmp_path) -> None:
     corpus = make_many(tmp_path / "many", 36, seconds=2.0)
     args = [MIMI, "tokenize", corpus, None, "-w", tiny_weights, "-k", K, "--shard-size", 2, "-q"]
     reference = tmp_path / "reference"
-    done = subprocess.run([str(a) for a in _with(args, reference)], env=env(), capture_output=True, timeout=600)
+    done = subprocess.run(
+        [str(a) for a in _with(args, reference)], env=env(), capture_output=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr.decode()
     out = tmp_path / "out"
     process = subprocess.Popen([str(a) for a in _with(args, out)], env=env(), stderr=subprocess.PIPE)
@@ -347,7 +362,9 @@ def test_bad_options_are_one_line_errors(corpus, tiny_weights, tmp_path, extra, 
     assert code == 2 and message in output and len(output.strip().splitlines()) == 1
 
 
-def test_without_ray_the_ray_engine_says_how_to_install_it(corpus, tiny_weights, tmp_path, monkeypatch) -> None:
+def test_without_ray_the_ray_engine_says_how_to_install_it(
+    corpus, tiny_weights, tmp_path, monkeypatch
+) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     code, output = tokenize(corpus, tmp_path / "out", tiny_weights, "--engine", "ray")
     assert code == 2 and "pip install 'mimi-cli[ray]'" in output
@@ -364,10 +381,18 @@ def test_missing_src_and_src_as_output(corpus, tiny_weights, tmp_path) -> None:
 @pytest.mark.parametrize("args", [["--help"], ["tokenize", "--help"], ["detokenize", "--help"]], ids=" ".join)
 def test_help_imports_neither_ray_nor_pyarrow(args) -> None:
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", str(MIMI), *args], capture_output=True, text=True, timeout=60, env=env()
+        [sys.executable, "-X", "importtime", str(MIMI), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
     )
     assert result.returncode == 0, result.stderr
-    modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "typer" in modules
     assert not {m for m in modules if m.split(".")[0] in ("ray", "pyarrow", "torch", "pandas", "datasets")}
 

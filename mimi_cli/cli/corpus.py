@@ -36,22 +36,28 @@ def tokenize(
     src: Annotated[
         str,
         typer.Argument(
-            metavar="SRC", help="Audio folder, .txt/.jsonl list of paths, or Parquet file/folder.", show_default=False
+            metavar="SRC",
+            help="Audio folder, .txt/.jsonl list of paths, or Parquet file/folder.",
+            show_default=False,
         ),
     ],
     out_dir: Annotated[str, typer.Argument(metavar="OUT_DIR", help="Dataset folder.", show_default=False)],
     codebooks: CodebooksOpt = None,
     bitrate: BitrateOpt = None,
-    engine: Annotated[str, typer.Option("--engine", help="local (this machine) or ray (Ray Data).")] = "local",
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (this machine) or ray (Ray Data).")
+    ] = "local",
     address: Annotated[
         str | None,
         typer.Option(
             "--address",
-            help="Ray: join this cluster (auto, ray://host:port or host:port) [default: a local Ray for the run].",
+            help="Ray: join this cluster (auto, ray://host:port, host:port) [default: a Ray for this run].",
             show_default=False,
         ),
     ] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Inputs per Parquet shard.")] = DEFAULT_SHARD_SIZE,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Inputs per Parquet shard.")
+    ] = DEFAULT_SHARD_SIZE,
     audio_column: Annotated[
         str, typer.Option("--audio-column", help="Parquet SRC: the audio column (Hugging Face layout).")
     ] = "audio",
@@ -68,7 +74,9 @@ def tokenize(
             show_default=False,
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Redo every shard, complete ones too.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Redo every shard, complete ones too.")
+    ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -143,8 +151,12 @@ def _shard_progress(enabled: bool) -> Iterator[Any]:
 
 @app.command()
 def detokenize(
-    dataset: Annotated[str, typer.Argument(metavar="OUT_DIR", help="A `mimi tokenize` dataset.", show_default=False)],
-    audio_dir: Annotated[str, typer.Argument(metavar="AUDIO_DIR", help="Folder for the audio.", show_default=False)],
+    dataset: Annotated[
+        str, typer.Argument(metavar="OUT_DIR", help="A `mimi tokenize` dataset.", show_default=False)
+    ],
+    audio_dir: Annotated[
+        str, typer.Argument(metavar="AUDIO_DIR", help="Folder for the audio.", show_default=False)
+    ],
     sample_rate: Annotated[
         str, typer.Option("--sample-rate", "-r", help="24000 (the model's), 'original', or a rate in Hz.")
     ] = "24000",

@@ -40,7 +40,9 @@ def check_dataset(folder: Path) -> dict[str, Any]:
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MimiError(f"{folder}: no {DATASET} (not a `mimi tokenize` dataset, or an unfinished one)") from None
+        raise MimiError(
+            f"{folder}: no {DATASET} (not a `mimi tokenize` dataset, or an unfinished one)"
+        ) from None
     except (OSError, ValueError) as e:
         raise MimiError(f"{path}: unreadable ({one_line(e)})") from None
     if not isinstance(description, dict) or description.get("format") != "mimi-tokens":

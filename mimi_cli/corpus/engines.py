@@ -146,8 +146,11 @@ def run_ray(
             ray.shutdown()
 
 
-def _ray_address(address: str | None) -> str | None:
-    if address is None or address == "auto" or address.startswith("ray://"):
+def _ray_address(address: str | None) -> str:
+    """ray.init's address: "local" starts a Ray for this run (None would join one found on this machine)."""
+    if address is None:
+        return "local"
+    if address == "auto" or address.startswith("ray://"):
         return address
     return address if ":" in address else f"{address}:6379"
 
@@ -203,12 +206,20 @@ def _read_row(row: dict[str, Any], audio_column: str) -> dict[str, Any]:
     unit = [Input(**d) for d in json.loads(row["inputs"])]
     read = read_unit(unit, CellReader(audio_column))
     described = [
-        {"error": r.error} if isinstance(r, Failed) else [len(r.audio), r.sample_rate, r.num_samples, r.channels]
+        {"error": r.error}
+        if isinstance(r, Failed)
+        else [len(r.audio), r.sample_rate, r.num_samples, r.channels]
         for r in read
     ]
     audio = [r.audio for r in read if isinstance(r, Audio)]
     data = np.concatenate(audio).astype(np.float32).tobytes() if audio else b""
-    return {"shard": row["shard"], "unit": row["unit"], "inputs": row["inputs"], "read": json.dumps(described), "audio": data}
+    return {
+        "shard": row["shard"],
+        "unit": row["unit"],
+        "inputs": row["inputs"],
+        "read": json.dumps(described),
+        "audio": data,
+    }
 
 
 class _Encoder:

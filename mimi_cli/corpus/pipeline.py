@@ -1,4 +1,4 @@
-"""`tokenize`: SRC → the shard plan → the shards still to do, through an engine → failures.jsonl, dataset.json."""
+"""`tokenize`: SRC → the shard plan → the shards left to do, through an engine → the summary files."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ class TokenizeOptions:
     force: bool = False
 
 
-def tokenize(src: Path, out_dir: Path, opts: TokenizeOptions, progress: Progress | None = None) -> DatasetSummary:
+def tokenize(
+    src: Path, out_dir: Path, opts: TokenizeOptions, progress: Progress | None = None
+) -> DatasetSummary:
     """Tokenise SRC into Parquet shards under `out_dir`; complete shards of an earlier run are kept.
 
     Returns the totals; inputs that failed are in `summary.failures` (and OUT_DIR/failures.jsonl).

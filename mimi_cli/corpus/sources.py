@@ -64,7 +64,12 @@ def open_source(src: Path, audio_column: str = "audio", out_dir: Path | None = N
     if not src.exists():
         raise MimiError(f"{src}: no such file or folder")
     if src.is_dir():
-        tables = sorted(p for p in src.rglob(f"*{PARQUET_SUFFIX}") if not _hidden(p.relative_to(src)))
+        skip = (out_dir or src / ".none").resolve()
+        tables = sorted(
+            p
+            for p in src.rglob(f"*{PARQUET_SUFFIX}")
+            if not _hidden(p.relative_to(src)) and not p.resolve().is_relative_to(skip)
+        )
         if tables:
             return _table_source(src, tables, audio_column)
         return _folder_source(src, out_dir or src / ".none")
@@ -172,7 +177,7 @@ def _check_audio_column(path: Path, schema: pa.Schema, column: str) -> None:
 
     if column not in schema.names:
         raise MimiError(
-            f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); choose one with --audio-column"
+            f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); name one with --audio-column"
         )
     kind = schema.field(column).type
     names = {kind.field(i).name for i in range(kind.num_fields)} if pa.types.is_struct(kind) else set()
