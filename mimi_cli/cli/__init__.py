@@ -1,8 +1,9 @@
 """The `mimi` command: a typer app that wraps the library and turns its errors into exit codes.
 
 One module per command family (`files`: encode/decode, `inspect`: info/codes, `corpus`:
-tokenize/detokenize); `common` holds the app, the consoles, shared options and the error handling. Heavy modules (torch, the model, audio
-I/O) are imported inside the commands, so that `mimi --help` and `mimi info` answer at once.
+tokenize/detokenize); `common` holds the app, the consoles, shared options and the error handling.
+Heavy modules (torch, the model, audio I/O) are imported inside the commands, so that `mimi --help`
+and `mimi info` answer at once.
 """
 
 from __future__ import annotations
