@@ -31,4 +31,4 @@ bench-batch: install
 	$(PY) benchmarks/batch.py
 
 bench-tokenize: install
-	$(PY) benchmarks/tokenize.py
+	$(PY) benchmarks/corpus.py

@@ -44,7 +44,7 @@ from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
 from weights_factory import random_state, write_hub_layout  # noqa: E402
 
-from mimi_cli.cli import DEFAULT_JOBS  # noqa: E402
+from mimi_cli.cli.common import DEFAULT_JOBS  # noqa: E402
 from mimi_cli.config import DEFAULT_CODEBOOKS, MimiConfig  # noqa: E402
 from mimi_cli.container import read_codes  # noqa: E402
 

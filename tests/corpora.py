@@ -5,7 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +22,7 @@ import soundfile as sf
 from signals import speech_like
 
 MIMI = Path(sys.executable).parent / "mimi"  # the installed console script
+RAY = Path(sys.executable).parent / "ray"
 
 # relative path, rate, channels, seconds
 GOOD = [
@@ -33,7 +41,7 @@ BAD = {  # inputs that must land in failures.jsonl, and a word of their reason
 }
 
 
-def signal(rate: int, channels: int, seconds: float, seed: int) -> np.ndarray:
+def audio_signal(rate: int, channels: int, seconds: float, seed: int) -> np.ndarray:
     mono = speech_like(seconds, rate, seed=seed)
     if channels == 1:
         return mono
@@ -43,7 +51,7 @@ def signal(rate: int, channels: int, seconds: float, seed: int) -> np.ndarray:
 def write_audio(path: Path, rate: int, channels: int, seconds: float, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}[path.suffix]
-    sf.write(path, signal(rate, channels, seconds, seed), rate, format=fmt)
+    sf.write(path, audio_signal(rate, channels, seconds, seed), rate, format=fmt)
     return path
 
 
@@ -149,3 +157,60 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- a Ray head
+
+
+@contextmanager
+def ray_head_on_localhost(cpus: int) -> Iterator[str]:
+    """A Ray head on 127.0.0.1 with `cpus` CPUs and a small object store; yields its address.
+
+    Stopped at the end with every process of its group: SIGTERM (the --block process stops the node),
+    then SIGKILL for anything left.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay short
+    command = [
+        str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--num-cpus", str(cpus), "--include-dashboard=false", "--object-store-memory", "200000000",
+        "--disable-usage-stats", "--temp-dir", temp,
+    ]  # fmt: skip
+    head = subprocess.Popen(
+        command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not _ray_ready(address):
+            if head.poll() is not None:
+                raise RuntimeError("ray start --head exited")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Ray head did not come up within 3 minutes")
+            time.sleep(1)
+        yield address
+    finally:
+        _stop_group(head)
+
+
+def _ray_ready(address: str) -> bool:
+    result = subprocess.run(
+        [str(RAY), "status", "--address", address], env=env(), capture_output=True, timeout=60
+    )
+    return result.returncode == 0
+
+
+def _stop_group(head: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            head.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            time.sleep(2)  # let the node's own processes exit, then kill any left in the group

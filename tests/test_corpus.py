@@ -523,3 +523,13 @@ def test_a_file_that_is_no_npy(tiny_weights, tmp_path) -> None:
     path.write_text("hello")
     code, output = invoke("decode", path, tmp_path / "x.wav", "-w", tiny_weights)
     assert code == 2 and "not a readable .npy array" in output
+
+
+def test_a_table_of_audio_only(corpus, tiny_weights, tmp_path) -> None:
+    audio_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": (corpus / "a.wav").read_bytes(), "path": None}]
+    pq.write_table(pa.table({"sound": pa.array(cells, audio_type)}), tmp_path / "t.parquet")
+    code, output = tokenize(tmp_path / "t.parquet", tmp_path / "out", tiny_weights, "--audio-column", "sound")
+    assert code == 0, output
+    assert len(pq.read_schema(parts(tmp_path / "out")[0]).names) == 7  # the dataset's columns only
+    assert list(read_rows(tmp_path / "out")) == ["t.parquet:0"]

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,67 +21,21 @@ from corpora import (
     make_many,
     make_table,
     parts,
+    ray_head_on_localhost,
     read_failures,
     read_rows,
     shard_bytes,
 )
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mimi-cli[ray]')")
-RAY = Path(os.path.dirname(MIMI)) / "ray"
 K = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def ray_head():
     """A Ray head on 127.0.0.1 (2 CPUs, small object store), stopped with its processes at the end."""
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay short
-    command = [
-        str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--num-cpus", "2", "--include-dashboard=false", "--object-store-memory", "200000000",
-        "--disable-usage-stats", "--temp-dir", temp,
-    ]  # fmt: skip
-    head = subprocess.Popen(
-        command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while not _ready(address):
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the Ray head did not come up within 3 minutes"
-            time.sleep(1)
+    with ray_head_on_localhost(cpus=2) as address:
         yield address
-    finally:
-        _stop(head)
-
-
-def _ready(address: str) -> bool:
-    result = subprocess.run(
-        [str(RAY), "status", "--address", address], env=env(), capture_output=True, timeout=60
-    )
-    return result.returncode == 0
-
-
-def _stop(head: subprocess.Popen) -> None:
-    """SIGTERM to the head's process group (its --block process stops the node), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(head.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            head.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:
-            time.sleep(2)  # let the node's own processes exit, then kill any left in the group
 
 
 def tokenize(

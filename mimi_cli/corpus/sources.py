@@ -156,10 +156,7 @@ def _table_source(root: Path, tables: list[Path], audio_column: str) -> Source:
         except (OSError, pa.ArrowException) as e:
             raise MimiError(f"{path}: not a readable Parquet file ({e})") from None
         _check_audio_column(path, file.schema_arrow, audio_column)
-        others = [c for c in file.schema_arrow.names if c != audio_column]
-        table = file.read(columns=others) if others else pa.table({"_": pa.nulls(file.metadata.num_rows)})
-        if not others:
-            table = table.drop(["_"])
+        table = file.read(columns=[c for c in file.schema_arrow.names if c != audio_column])
         if schema is not None and not table.schema.equals(schema):
             raise MimiError(f"{path}: its columns differ from those of the other Parquet files of SRC")
         schema = table.schema
@@ -169,7 +166,7 @@ def _table_source(root: Path, tables: list[Path], audio_column: str) -> Source:
         inputs += [Input(f"{name}:{row}", str(path), row, signature) for row in range(rows)]
     if not inputs:
         raise MimiError(f"{root}: the Parquet files hold no rows")
-    return Source("table", inputs, pa.concat_tables(carried))
+    return Source("table", inputs, pa.concat_tables(carried) if schema and schema.names else None)
 
 
 def _check_audio_column(path: Path, schema: pa.Schema, column: str) -> None:
