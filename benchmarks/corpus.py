@@ -26,10 +26,8 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-from batch import BUSY, SEED, busy_cpu_seconds, children_cpu_seconds, load_average, make_files  # noqa: E402
+from batch import BUSY, SEED, load_average, make_files, run_measured  # noqa: E402
 from corpora import env as ray_env  # noqa: E402
 from corpora import parts, ray_head_on_localhost  # noqa: E402
 from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
@@ -53,19 +51,8 @@ def tokenize(src: Path, out: Path, weights: Path, options: list[str], shard_size
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(MIMI), "tokenize", str(src), str(out), "-w", str(weights), "--json", "-q"]
     cmd += ["--shard-size", str(shard_size), *options]
-    busy, ours = busy_cpu_seconds(), children_cpu_seconds()
-    start = time.perf_counter()
     environment = {k: v for k, v in ray_env().items() if k != "OMP_NUM_THREADS"}  # torch takes every core
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=environment)
-    wall = time.perf_counter() - start
-    busy_after, ours = busy_cpu_seconds(), children_cpu_seconds() - ours
-    others = None
-    if busy is not None and busy_after is not None:
-        others = max(0.0, (busy_after - busy - ours) / (wall * (os.cpu_count() or 1)))
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr.strip()}")
-    summary = json.loads(proc.stdout)
-    return {"wall": wall, "summary": summary, "others": others}
+    return run_measured(cmd, environment)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,7 +140,39 @@ def run_ray(
             log_to_driver=False,
         )
     try:
-        _pipeline(ray, load, num_codebooks, shards, assembler, audio_column, actors)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # configured by Ray Data on import
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        gpu = str(load.get("device", "")).startswith("cuda")
+        resources = ray.cluster_resources()
+        if actors is None:
+            actors = (
+                max(1, int(resources.get("GPU", 0))) if gpu else max(1, int(resources.get("CPU", 1)) // 2)
+            )
+        rows = [
+            {"shard": s.index, "unit": u, "inputs": json.dumps([i.as_dict() for i in unit])}
+            for s in shards
+            for u, unit in enumerate(s.units(assembler.batch_size))
+        ]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # Reading runs as tasks of its own: its memory reservation differs from the actors' options,
+        # which keeps Ray from fusing both stages into the actors (the GPU would wait for the decoding).
+        dataset = dataset.map(
+            _read_row, fn_kwargs={"audio_column": audio_column}, num_cpus=1, memory=READ_MEMORY
+        )
+        dataset = dataset.map_batches(
+            _Encoder,
+            fn_constructor_kwargs={"load": load, "num_codebooks": num_codebooks},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+            num_gpus=1 if gpu else 0,
+        )
+        for row in dataset.iter_rows():
+            assembler.add(int(row["shard"]), int(row["unit"]), _results(row))
+    except ray.exceptions.RayError as e:
+        raise MimiError(f"the Ray pipeline failed: {_first_line(e)}") from e
     finally:
         if started_here:
             ray.shutdown()
@@ -153,47 +185,6 @@ def _ray_address(address: str | None) -> str:
     if address == "auto" or address.startswith("ray://"):
         return address
     return address if ":" in address else f"{address}:6379"
-
-
-def _pipeline(
-    ray: Any,
-    load: dict[str, Any],
-    num_codebooks: int,
-    shards: list[Shard],
-    assembler: Assembler,
-    audio_column: str,
-    actors: int | None,
-) -> None:
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    gpu = str(load.get("device", "")).startswith("cuda")
-    resources = ray.cluster_resources()
-    if actors is None:
-        actors = max(1, int(resources.get("GPU", 0))) if gpu else max(1, int(resources.get("CPU", 1)) // 2)
-    rows = [
-        {"shard": s.index, "unit": u, "inputs": json.dumps([i.as_dict() for i in unit])}
-        for s in shards
-        for u, unit in enumerate(s.units(assembler.batch_size))
-    ]
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    # Reading runs as tasks of its own: its memory reservation differs from the actors' options,
-    # which keeps Ray from fusing both stages into the actors (the GPU would wait for the decoding).
-    dataset = dataset.map(_read_row, fn_kwargs={"audio_column": audio_column}, num_cpus=1, memory=READ_MEMORY)
-    dataset = dataset.map_batches(
-        _Encoder,
-        fn_constructor_kwargs={"load": load, "num_codebooks": num_codebooks},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
-        num_gpus=1 if gpu else 0,
-    )
-    try:
-        for row in dataset.iter_rows():
-            assembler.add(int(row["shard"]), int(row["unit"]), _results(row))
-    except ray.exceptions.RayError as e:
-        raise MimiError(f"the Ray pipeline failed: {_first_line(e)}") from e
 
 
 def _first_line(error: BaseException) -> str:
