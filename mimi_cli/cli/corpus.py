@@ -51,7 +51,7 @@ def tokenize(
         str | None,
         typer.Option(
             "--address",
-            help="Ray: join this cluster (auto, ray://host:port, host:port) [default: a Ray for this run].",
+            help="Ray: join this cluster: auto, ray://host:port or host:port (default: a Ray for this run).",
             show_default=False,
         ),
     ] = None,
@@ -70,7 +70,7 @@ def tokenize(
         int | None,
         typer.Option(
             "--actors",
-            help="Ray: encoder actors [default: one per GPU with --device cuda, else half the CPUs].",
+            help="Ray: encoder actors (default: one per GPU with --device cuda, else half the CPUs).",
             show_default=False,
         ),
     ] = None,
