@@ -4,7 +4,8 @@ What it measures (everything under a temporary directory):
   100 short speech-like files (2–6 s; WAV and FLAC; 16, 22.05 and 44.1 kHz; mono and stereo, made as
   for bench-batch) are tokenised by the real CLI, `mimi tokenize SRC OUT -w WEIGHTS --json -q`, as a
   subprocess into a fresh OUT each time, with random full-size weights and the default 16 codebooks:
-    local        --engine local
+    local        --engine local (torch on every core)
+    local, 1 torch thread   the same with OMP_NUM_THREADS=1, as in a Ray encoder actor of 1 CPU
     ray (own)    --engine ray: a Ray instance started for the run and stopped after it
     ray (head)   --engine ray --address: a Ray head already running on 127.0.0.1 (started here)
 
@@ -46,12 +47,18 @@ from mimi_cli.config import MimiConfig  # noqa: E402
 MIMI = Path(sys.executable).with_name("mimi")
 
 
-def tokenize(src: Path, out: Path, weights: Path, options: list[str], shard_size: int) -> dict[str, Any]:
-    """One `mimi tokenize` run into a fresh `out`: wall seconds, its JSON summary, others' CPU share."""
+def tokenize(
+    src: Path, out: Path, weights: Path, options: list[str], shard_size: int, threads: int | None
+) -> dict[str, Any]:
+    """One `mimi tokenize` run into a fresh `out`: wall seconds, its JSON summary, others' CPU share.
+
+    `threads`: torch threads of the local engine (None: torch's default, one per core)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(MIMI), "tokenize", str(src), str(out), "-w", str(weights), "--json", "-q"]
     cmd += ["--shard-size", str(shard_size), *options]
-    environment = {k: v for k, v in ray_env().items() if k != "OMP_NUM_THREADS"}  # torch takes every core
+    environment = {k: v for k, v in ray_env().items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
     return run_measured(cmd, environment)
 
 
@@ -81,12 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         info["audio_s"] = make_files(work / "in", args.files, SEED)
         shards: dict[str, dict[str, bytes]] = {}
 
-        def measure(label: str, options: list[str]) -> None:
+        def measure(label: str, options: list[str], threads: int | None = None) -> None:
             out = work / "out"
-            results[label] = tokenize(work / "in", out, weights, options, args.shard_size)
+            results[label] = tokenize(work / "in", out, weights, options, args.shard_size, threads)
             shards[label] = {p.name: p.read_bytes() for p in parts(out)}
 
         measure("local", ["--engine", "local"])
+        measure("local, 1 torch thread", ["--engine", "local"], threads=1)
         measure("ray (own)", ["--engine", "ray"])
         with ray_head_on_localhost(cpus=os.cpu_count() or 1) as address:
             measure("ray (head)", ["--engine", "ray", "--address", address])
@@ -109,16 +117,20 @@ def report(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
         f"\n## mimi tokenize: {info['files']} files, {info['audio_s']:.0f} s of audio "
         "(full-size random weights, 16 codebooks, batch size 1 on CPU)\n"
     )
-    print("| engine | end to end (s) | h audio / h | in the run (s) | Ray overhead (÷ local) | others' CPU |")
-    print("|---|---:|---:|---:|---:|---:|")
-    local = results["local"]["wall"]
+    print("| engine | end to end (s) | h audio / h | in run (s) | ÷ local | ÷ local 1 thread | others' CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    local, single = results["local"]["wall"], results["local, 1 torch thread"]["wall"]
     for label, r in results.items():
         inner = r["summary"]["seconds"]
         others = "-" if r["others"] is None else f"{r['others']:.0%}"
         print(
             f"| {label} | {r['wall']:.1f} | {info['audio_s'] / r['wall']:.1f} | {inner:.1f} "
-            f"| {r['wall'] / local:.2f} | {others} |"
+            f"| {r['wall'] / local:.2f} | {r['wall'] / single:.2f} | {others} |"
         )
+    print(
+        "\nRay overhead = a Ray run's wall time ÷ the local run's; the Ray encoder actors run torch on one"
+        " thread each (Ray sets OMP_NUM_THREADS to an actor's CPUs), hence the like-for-like column."
+    )
     print(f"\nshards byte-identical across engines: {'yes' if info['identical'] else 'NO'}")
     busiest = max((r["others"] for r in results.values() if r["others"] is not None), default=0.0)
     if busiest > BUSY:

@@ -4,7 +4,7 @@ Three kinds of SRC, each turned into a sorted list of `Input`s:
 
     folder/              every audio file below it (as folder encode finds them); id = relative path
     list.txt | .jsonl    one path per line (jsonl: {"path": ...}); relative to the list's folder;
-                         id = the path as written
+                         id = the path relative to the list's folder if inside it, else as written
     table.parquet | dir/ Hugging Face `datasets` audio layout: a column struct<bytes, path>;
                          id = "<file relative to SRC>:<row>"; the other columns are carried
 
@@ -113,7 +113,7 @@ def _list_source(src: Path) -> Source:
         entry = _list_entry(src, number, line)
         if entry is None:
             continue
-        name = posixpath.normpath(entry.replace(os.sep, "/"))
+        name = _list_id(src.parent, posixpath.normpath(entry.replace(os.sep, "/")))
         if name in seen:
             raise MimiError(f"{src}:{number}: {entry!r} is listed twice (first on line {seen[name]})")
         seen[name] = number
@@ -122,6 +122,16 @@ def _list_source(src: Path) -> Source:
     if not inputs:
         raise MimiError(f"{src}: the list holds no paths")
     return Source("list", sorted(inputs, key=lambda i: i.id))
+
+
+def _list_id(folder: Path, name: str) -> str:
+    """A list entry's id: relative to the list's folder when it lies inside it, else as written."""
+    if Path(name).is_absolute():
+        try:
+            return Path(name).relative_to(folder.absolute()).as_posix()
+        except ValueError:
+            return name
+    return name
 
 
 def _list_entry(src: Path, number: int, line: str) -> str | None:
