@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-gpu lint bench bench-memory bench-batch bench-gpu
+.PHONY: install test test-gpu lint bench bench-memory bench-batch bench-gpu bench-tokenize
 
 install: $(VENV)/.installed
 
@@ -38,3 +38,6 @@ bench-batch: install
 
 bench-gpu: install
 	$(PY) benchmarks/gpu.py
+
+bench-tokenize: install
+	$(PY) benchmarks/corpus.py

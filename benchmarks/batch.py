@@ -44,7 +44,7 @@ from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
 from weights_factory import random_state, write_hub_layout  # noqa: E402
 
-from mimi_cli.cli import DEFAULT_JOBS  # noqa: E402
+from mimi_cli.cli.common import DEFAULT_JOBS  # noqa: E402
 from mimi_cli.config import DEFAULT_CODEBOOKS, MimiConfig  # noqa: E402
 from mimi_cli.container import read_codes  # noqa: E402
 
@@ -97,9 +97,14 @@ def encode_folder(src: Path, out: Path, weights: Path, options: list[str]) -> di
     of the machine that other processes used meanwhile (a busy machine makes the figures meaningless)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(MIMI), "encode", str(src), str(out), "-w", str(weights), "--quiet", "--json", *options]
+    return run_measured(cmd)
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a `mimi ... --json` command: wall seconds, its JSON summary, others' share of the CPUs."""
     busy, ours = busy_cpu_seconds(), children_cpu_seconds()
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     busy_after, ours = busy_cpu_seconds(), children_cpu_seconds() - ours
     others = None

@@ -8,6 +8,7 @@ imported by the functions that run the model only, so `export_codes` and `read_i
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import time
@@ -21,9 +22,9 @@ import soxr
 
 from . import __version__
 from .audio import RESAMPLE_QUALITY, AudioInfo, AudioWriter, resampled_length, stream_audio
-from .config import BITRATE_PER_CODEBOOK, FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .config import BITRATE_PER_CODEBOOK, CODEBOOK_SIZE, FRAME_RATE, FRAME_SIZE, MAX_CODEBOOKS, SAMPLE_RATE
 from .container import ContainerReader, ContainerWriter, Header, read_codes
-from .errors import FormatError, MimiError, WeightsError
+from .errors import FormatError, MimiError, WeightsError, one_line
 from .fsutil import STDIO, atomic_output, display_name
 
 if TYPE_CHECKING:
@@ -245,6 +246,81 @@ def export_codes(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> He
     with atomic_output(dst) as out:
         np.save(out, codes.astype(np.int16), allow_pickle=False)
     return header
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def is_npy(src: str | os.PathLike[str]) -> bool:
+    """Whether an input is a NumPy .npy array (by suffix, or by its first bytes for stdin)."""
+    if os.fspath(src) == STDIO:
+        peek = getattr(sys.stdin.buffer, "peek", None)
+        return bool(peek) and peek(len(NPY_MAGIC))[: len(NPY_MAGIC)] == NPY_MAGIC
+    return Path(src).suffix.lower() == ".npy"
+
+
+def read_npy_codes(src: str | os.PathLike[str], max_codebooks: int = MAX_CODEBOOKS) -> np.ndarray:
+    """Codes int64 [K, frames] from a .npy integer array [K, frames] or [1, K, frames] (or "-")."""
+    name = display_name(src, "<stdin>")
+    with _input(src) as raw:
+        data = raw.read()
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise FormatError(f"{name}: not a readable .npy array ({one_line(e)})") from None
+    if not np.issubdtype(array.dtype, np.integer):
+        raise FormatError(f"{name}: codes must be integers, got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2 or not 1 <= array.shape[0] <= max_codebooks or array.shape[1] == 0:
+        raise FormatError(
+            f"{name}: codes must be [K, frames] or [1, K, frames] with 1 ≤ K ≤ {max_codebooks} and "
+            f"frames ≥ 1, got shape {list(array.shape)}"
+        )
+    bad = np.argwhere((array < 0) | (array >= CODEBOOK_SIZE))
+    if len(bad):
+        k, t = bad[0]
+        raise FormatError(
+            f"{name}: code {array[k, t]} at [{k}, {t}] is out of range 0..{CODEBOOK_SIZE - 1} "
+            f"({len(bad)} such codes)"
+        )
+    return array.astype(np.int64)
+
+
+def decode_npy(
+    model: MimiModel,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    sample_rate: int | str | None = None,
+    num_codebooks: int | None = None,
+    audio_format: str | None = None,
+) -> Summary:
+    """Decode a .npy codes array (e.g. from `mimi codes` or a language model) to audio at 24 kHz
+    (or `sample_rate`; "original" is 24 kHz: an array carries no original rate)."""
+    import torch
+
+    started = time.perf_counter()
+    name = display_name(src, "<stdin>")
+    codes = read_npy_codes(src, model.config.num_quantizers)
+    k = codes.shape[0] if num_codebooks is None else num_codebooks
+    if not 1 <= k <= codes.shape[0]:
+        raise MimiError(f"{name}: holds {codes.shape[0]} codebooks; cannot decode with {k}")
+    frames = codes.shape[1]
+    header = Header(k, frames, SAMPLE_RATE, 1, frames * FRAME_SIZE, model.fingerprint)
+    rate = output_rate(sample_rate, header)
+    audio = model.decode(torch.from_numpy(codes[:k])[None]).float().cpu().numpy()[0, 0]
+    with AudioWriter(dst, rate, audio_format) as writer:
+        writer.write(finish_audio(audio, header, rate))
+    return Summary(
+        input=name,
+        output=display_name(dst, "<stdout>"),
+        duration=frames / FRAME_RATE,
+        codebooks=k,
+        frames=frames,
+        container_bytes=codes[:k].size * 2,  # as int16 codes
+        pcm_bytes=frames * FRAME_SIZE * 2,
+        seconds=time.perf_counter() - started,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -250,3 +250,16 @@ def report(summary: Summary, quiet: bool, as_json: bool, data_on_stdout: bool) -
             soft_wrap=True,
             markup=False,
         )
+
+
+def print_failures(failures: list[tuple[str, str]]) -> None:
+    """The table of inputs that failed (name, one-line reason) on stderr; nothing when none did."""
+    if not failures:
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("file", "reason", title=f"{len(failures)} failed", title_style="red", show_lines=False)
+    for name, reason in failures:
+        table.add_row(Text(name), Text(reason))
+    stderr.print(table)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import common, compare, files, inspect  # noqa: F401  (importing a command module registers its commands)
+from . import common, compare, corpus, files, inspect  # noqa: F401  (importing a command module registers its commands)
 from .common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app, error_line
 
 

@@ -126,8 +126,16 @@ def decode(
             return
         check_paths(input, output, force)
         from ..audio import output_format
+        from ..codec import decode_npy, is_npy, read_npy_codes
 
         output_format(output, audio_format)  # an unsupported format fails before any work
+        if is_npy(input):  # a codes array: [K, frames] or [1, K, frames]
+            if input != STDIO:
+                read_npy_codes(input)  # bad shapes or codes fail before the weights are loaded
+            model = load_weights(weights, device, dtype)
+            summary = decode_npy(model, input, output, rate, codebooks, audio_format)
+            report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+            return
         if input != STDIO:
             from ..codec import read_info
 
@@ -244,16 +252,7 @@ def _batch_report(report: Any, out_dir: Path, quiet: bool, as_json: bool, kind: 
         return
     if report.stopped is not None:  # one line says it all (see _batch)
         return
-    if report.failures:
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(
-            "file", "reason", title=f"{len(report.failures)} failed", title_style="red", show_lines=False
-        )
-        for failure in report.failures:
-            table.add_row(Text(failure.path), Text(failure.error or ""))
-        common.stderr.print(table)
+    common.print_failures([(failure.path, failure.error or "") for failure in report.failures])
     if not quiet or report.failures:
         ratio = f"{summary['compression_ratio']}:1" if summary["compression_ratio"] else "-"
         common.stderr.print(

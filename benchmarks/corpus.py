@@ -1,0 +1,141 @@
+"""Corpus throughput: `mimi tokenize` with the local engine and with Ray, on the same corpus.
+
+What it measures (everything under a temporary directory):
+  100 short speech-like files (2–6 s; WAV and FLAC; 16, 22.05 and 44.1 kHz; mono and stereo, made as
+  for bench-batch) are tokenised by the real CLI, `mimi tokenize SRC OUT -w WEIGHTS --json -q`, as a
+  subprocess into a fresh OUT each time, with random full-size weights and the default 16 codebooks:
+    local        --engine local (torch on every core)
+    local, 1 torch thread   the same with OMP_NUM_THREADS=1, as in a Ray encoder actor of 1 CPU
+    ray (own)    --engine ray: a Ray instance started for the run and stopped after it
+    ray (head)   --engine ray --address: a Ray head already running on 127.0.0.1 (started here)
+
+How to read it: "h audio / h" is hours of audio tokenised per hour of wall time (= × real time),
+end to end (interpreter start-up, weight loading and, for Ray, joining or starting the cluster and
+the actors loading their weights, included). "Ray overhead" is the Ray run's wall time ÷ the local
+run's: above 1 is what Ray costs on one machine, where it cannot add hardware; on a cluster it buys
+more machines. All three runs must write byte-identical shards; the script checks that. It also
+measures the share of the CPUs other processes used during each run (noisy above 10 %).
+
+(The file is not named tokenize.py: a script's folder goes first on sys.path, and a `tokenize.py`
+there would shadow the standard library's `tokenize`, which torch imports.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+from batch import BUSY, SEED, load_average, make_files, run_measured  # noqa: E402
+from corpora import env as ray_env  # noqa: E402
+from corpora import parts, ray_head_on_localhost  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
+from weights_factory import random_state, write_hub_layout  # noqa: E402
+
+from mimi_cli.config import MimiConfig  # noqa: E402
+
+MIMI = Path(sys.executable).with_name("mimi")
+
+
+def tokenize(
+    src: Path, out: Path, weights: Path, options: list[str], shard_size: int, threads: int | None
+) -> dict[str, Any]:
+    """One `mimi tokenize` run into a fresh `out`: wall seconds, its JSON summary, others' CPU share.
+
+    `threads`: torch threads of the local engine (None: torch's default, one per core)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(MIMI), "tokenize", str(src), str(out), "-w", str(weights), "--json", "-q"]
+    cmd += ["--shard-size", str(shard_size), *options]
+    environment = {k: v for k, v in ray_env().items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
+    return run_measured(cmd, environment)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=100, help="number of input files (at least 100)")
+    parser.add_argument("--shard-size", type=int, default=25, help="inputs per shard")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.files < 1 or args.shard_size < 1:
+        parser.error("--files and --shard-size must be at least 1")
+
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "files": args.files,
+        "load_before": load_average(),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="mimi-bench-tokenize-") as tmp:
+        work = Path(tmp)
+        weights = work / "weights"
+        config = MimiConfig()
+        write_hub_layout(weights, config, random_state(config, SEED))
+        info["audio_s"] = make_files(work / "in", args.files, SEED)
+        shards: dict[str, dict[str, bytes]] = {}
+
+        def measure(label: str, options: list[str], threads: int | None = None) -> None:
+            out = work / "out"
+            results[label] = tokenize(work / "in", out, weights, options, args.shard_size, threads)
+            shards[label] = {p.name: p.read_bytes() for p in parts(out)}
+
+        measure("local", ["--engine", "local"])
+        measure("local, 1 torch thread", ["--engine", "local"], threads=1)
+        measure("ray (own)", ["--engine", "ray"])
+        with ray_head_on_localhost(cpus=os.cpu_count() or 1) as address:
+            measure("ray (head)", ["--engine", "ray", "--address", address])
+        info["load_after"] = load_average()
+        reference = shards["local"]
+        info["identical"] = all(s == reference for s in shards.values()) and len(reference) > 0
+    report(info, results)
+    if args.json:
+        args.json.write_text(json.dumps({"env": info, "results": results}, indent=2) + "\n")
+    if not info["identical"]:
+        raise SystemExit("the engines wrote different shards")
+
+
+def report(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+    print(
+        f"torch {info['torch']}, {info['cores']} cores, CPU: {info['cpu']}, Python {info['python']}; "
+        f"load average before {info['load_before']}, after {info['load_after']}"
+    )
+    print(
+        f"\n## mimi tokenize: {info['files']} files, {info['audio_s']:.0f} s of audio "
+        "(full-size random weights, 16 codebooks, batch size 1 on CPU)\n"
+    )
+    print("| engine | end to end (s) | h audio / h | in run (s) | ÷ local | ÷ local 1 thread | others' CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    local, single = results["local"]["wall"], results["local, 1 torch thread"]["wall"]
+    for label, r in results.items():
+        inner = r["summary"]["seconds"]
+        others = "-" if r["others"] is None else f"{r['others']:.0%}"
+        print(
+            f"| {label} | {r['wall']:.1f} | {info['audio_s'] / r['wall']:.1f} | {inner:.1f} "
+            f"| {r['wall'] / local:.2f} | {r['wall'] / single:.2f} | {others} |"
+        )
+    print(
+        "\nRay overhead = a Ray run's wall time ÷ the local run's; the Ray encoder actors run torch on one"
+        " thread each (Ray sets OMP_NUM_THREADS to an actor's CPUs), hence the like-for-like column."
+    )
+    print(f"\nshards byte-identical across engines: {'yes' if info['identical'] else 'NO'}")
+    busiest = max((r["others"] for r in results.values() if r["others"] is not None), default=0.0)
+    if busiest > BUSY:
+        print(f"noisy: other processes used up to {busiest:.0%} of the CPUs during a run; run it again")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The two stages both engines run on a unit (up to `--batch-size` consecutive inputs of one shard):
+read (decode, downmix, resample to 24 kHz; CPU) and encode (one streamed forward pass over the unit).
+
+Both engines encode exactly the same units, so their codes are bit for bit the same; a unit of one
+input is encoded as `mimi encode` encodes a file (the same 10-second chunks, the same end padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..codec import CHUNK_SECONDS, whole_frames
+from ..config import FRAME_RATE, FRAME_SIZE
+from ..errors import MimiError, one_line
+from .sources import CellReader, Input, read_input
+
+if TYPE_CHECKING:
+    from ..model import MimiModel
+
+
+@dataclass
+class Audio:
+    """An input read: float32 mono [T] at 24 kHz and what the original was."""
+
+    audio: np.ndarray
+    sample_rate: int
+    num_samples: int  # per channel, at the original rate
+    channels: int
+
+
+@dataclass
+class Encoded:
+    """One row of the dataset, without the carried columns."""
+
+    id: str
+    codes: np.ndarray  # int16 [K, frames]
+    sample_rate: int
+    num_samples: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+@dataclass
+class Failed:
+    id: str
+    error: str
+
+
+def read_unit(unit: list[Input], cells: CellReader) -> list[Audio | Failed]:
+    """Read every input of a unit; one that cannot be read becomes a `Failed` with a one-line reason."""
+    out: list[Audio | Failed] = []
+    for item in unit:
+        try:
+            audio, info = read_input(item, cells)
+        except (MimiError, ValueError, OSError) as e:
+            out.append(Failed(item.id, _named(item.id, one_line(e))))
+            continue
+        out.append(Audio(audio, info.sample_rate, info.frames or len(audio), info.channels))
+    return out
+
+
+def _named(name: str, reason: str) -> str:
+    """Reasons name the input (by id: a table row's bytes have no path of their own)."""
+    return reason if name in reason else f"{name}: {reason}"
+
+
+def encode_unit(
+    model: MimiModel, num_codebooks: int, unit: list[Input], read: list[Audio | Failed]
+) -> list[Encoded | Failed]:
+    """Encode the inputs of a unit that were read, in one batch: codes int16 [K, frames] each.
+
+    If the batch fails, each input is tried alone, so one bad input fails alone.
+    """
+    ready = [(item, r) for item, r in zip(unit, read, strict=True) if isinstance(r, Audio)]
+    try:
+        codes = _encode(model, num_codebooks, [r.audio for _, r in ready]) if ready else []
+    except (MimiError, ValueError, RuntimeError) as e:
+        if len(ready) <= 1:
+            codes = [Failed(item.id, _named(item.id, f"cannot encode ({one_line(e)})")) for item, _ in ready]
+        else:
+            codes = [encode_unit(model, num_codebooks, [item], [r])[0] for item, r in ready]
+    done = iter(codes)
+    out: list[Encoded | Failed] = []
+    for item, r in zip(unit, read, strict=True):
+        if isinstance(r, Failed):
+            out.append(r)
+            continue
+        c = next(done)
+        out.append(c if isinstance(c, (Encoded, Failed)) else Encoded(item.id, c, *_original(r)))
+    return out
+
+
+def _original(r: Audio) -> tuple[int, int, int]:
+    return r.sample_rate, r.num_samples, r.channels
+
+
+def _encode(model: MimiModel, num_codebooks: int, audios: list[np.ndarray]) -> list[np.ndarray]:
+    """audios: float32 [T_i] at 24 kHz → codes int16 [K, ceil(T_i / frame_size)] each.
+
+    Padded to whole frames, then to the longest, and pushed through the streaming encoder in the
+    chunks `codec.encode_file` uses: the codes of a unit of one are those `mimi encode` writes.
+    """
+    import torch
+
+    from ..model import StreamingEncoder
+
+    padded = [whole_frames(a) for a in audios]
+    batch = torch.zeros(len(padded), 1, max(map(len, padded)))
+    for row, samples in enumerate(padded):
+        batch[row, 0, : len(samples)] = torch.from_numpy(samples)
+    encoder = StreamingEncoder(model, num_codebooks)
+    chunk = max(1, round(CHUNK_SECONDS * FRAME_RATE)) * FRAME_SIZE
+    pieces = [encoder.push(batch[..., start : start + chunk]) for start in range(0, batch.shape[-1], chunk)]
+    codes = torch.cat([*pieces, encoder.finish()], dim=-1).cpu().numpy().astype(np.int16)
+    return [codes[row, :, : len(samples) // FRAME_SIZE] for row, samples in enumerate(padded)]

@@ -1,0 +1,107 @@
+"""`tokenize`: SRC → the shard plan → the shards left to do, through an engine → the summary files."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import MimiError
+from .engines import Assembler, Progress, import_ray, run_local, run_ray
+from .shards import DatasetSummary, Shard, completed, finish_dataset, plan_shards, remove_leftovers
+from .sources import open_source
+
+ENGINES = ("local", "ray")
+DEFAULT_SHARD_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    codebooks: int
+    engine: str = "local"
+    address: str | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    audio_column: str = "audio"
+    weights: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 1
+    workers: int = 2
+    actors: int | None = None
+    force: bool = False
+
+
+def tokenize(
+    src: Path, out_dir: Path, opts: TokenizeOptions, progress: Progress | None = None
+) -> DatasetSummary:
+    """Tokenise SRC into Parquet shards under `out_dir`; complete shards of an earlier run are kept.
+
+    Returns the totals; inputs that failed are in `summary.failures` (and OUT_DIR/failures.jsonl).
+    """
+    started = time.perf_counter()
+    if opts.engine not in ENGINES:
+        raise ValueError(f"--engine must be local or ray, got {opts.engine!r}")
+    if opts.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {opts.shard_size}")
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.actors is not None and opts.actors < 1:
+        raise ValueError(f"--actors must be at least 1, got {opts.actors}")
+    if opts.address is not None and opts.engine != "ray":
+        raise ValueError("--address needs --engine ray")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MimiError(f"{out_dir}: exists and is not a folder")
+    if src.resolve() == out_dir.resolve():
+        raise MimiError(f"{out_dir}: the output folder must differ from SRC")
+    if opts.engine == "ray":
+        import_ray()  # fails in one line, before any work, when Ray is not installed
+    source = open_source(src, opts.audio_column, out_dir)
+    model = _load(opts)
+    shards = plan_shards(source.inputs, opts.shard_size, opts.codebooks, model.fingerprint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir, shards)
+    metas: dict[int, dict[str, Any]] = {}
+    if not opts.force:
+        for shard in shards:
+            meta = completed(out_dir, shard)
+            if meta is not None:
+                metas[shard.index] = meta
+    todo = [s for s in shards if s.index not in metas]
+
+    def carried(shard: Shard) -> Any:
+        if source.carried is None:
+            return None
+        return source.carried.slice(shard.index * opts.shard_size, len(shard.inputs))
+
+    assembler = Assembler(out_dir, todo, opts.batch_size, carried, progress)
+    if todo and opts.engine == "local":
+        run_local(model, opts.codebooks, todo, assembler, opts.audio_column, opts.workers)
+    elif todo:
+        load = {"source": opts.weights or str(model.source), "device": opts.device, "dtype": opts.dtype}
+        run_ray(opts.address, load, opts.codebooks, todo, assembler, opts.audio_column, opts.actors)
+    assembler.check_done()
+    metas.update(assembler.metas)
+    failures, description = finish_dataset(
+        out_dir, shards, metas, opts.codebooks, model.fingerprint, source.kind
+    )
+    return DatasetSummary(
+        rows=description["rows"],
+        inputs=description["inputs"],
+        audio_seconds=sum(metas[s.index]["audio_seconds"] for s in shards),
+        failures=failures,
+        shards_written=len(todo),
+        shards_kept=len(shards) - len(todo),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _load(opts: TokenizeOptions) -> Any:
+    """The model (local engine), or for the Ray engine the weights read on the CPU for their fingerprint
+    and an early check (each actor loads its own copy on its device)."""
+    from ..device import resolve_device, resolve_dtype
+    from ..weights import load_model
+
+    device = resolve_device(opts.device if opts.engine == "local" else "cpu")
+    dtype = resolve_dtype(opts.dtype if opts.engine == "local" else "float32", device)
+    return load_model(opts.weights, device, dtype)

@@ -1,0 +1,223 @@
+"""The dataset on disk: the shard plan, the row schema, atomic shard files, resume, the summary files.
+
+    OUT_DIR/part-00000.parquet   rows of shard 0 (inputs 0 .. N-1 in sorted order, failures left out)
+           part-00001.parquet   ...
+           failures.jsonl       {"id": ..., "error": ...} per input that could not be read or encoded
+           dataset.json         codebooks, fingerprint, rates, totals, the shard list
+
+Inputs are cut into shards deterministically (sorted, `shard_size` each). Every shard file carries in
+its Parquet metadata (key "mimi") its shard's key (a hash of its inputs, their file signatures, the
+codebooks and the weights fingerprint) and its failed inputs: a shard file is complete when it reads
+back with the key of the plan and the row count it announces; anything else is redone. Files appear
+by rename only, so a killed run leaves complete shards or hidden temporary files, never half a shard.
+See docs/DATASET.md for the row schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import __version__
+from ..config import FRAME_SIZE, SAMPLE_RATE
+from ..fsutil import atomic_output
+from .encoding import Encoded, Failed
+from .sources import Input
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+FAILURES = "failures.jsonl"
+DATASET = "dataset.json"
+META_KEY = b"mimi"
+SHARD_NAME = re.compile(r"part-(\d{5,})\.parquet")
+ROW_COLUMNS = ("id", "codes", "num_frames", "duration", "sample_rate", "num_samples", "channels")
+RENAMED_PREFIX = "source_"  # a carried column named like one of ours is carried as source_<name>
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    inputs: tuple[Input, ...]
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+    def units(self, batch_size: int) -> list[list[Input]]:
+        """Consecutive groups of up to `batch_size` inputs: what one forward pass encodes."""
+        items = list(self.inputs)
+        return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def plan_shards(inputs: list[Input], shard_size: int, codebooks: int, fingerprint: bytes) -> list[Shard]:
+    """`inputs` (already in their sorted order) cut into shards of `shard_size`."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    shards = []
+    for index, start in enumerate(range(0, len(inputs), shard_size)):
+        part = tuple(inputs[start : start + shard_size])
+        digest = hashlib.sha256(f"mimi-shard 1 {codebooks} {fingerprint.hex()}\n".encode())
+        for item in part:
+            digest.update(f"{item.id}\t{item.row}\t{item.signature}\n".encode())
+        shards.append(Shard(index, part, digest.hexdigest()))
+    return shards
+
+
+def carried_names(carried: pa.Table | None) -> list[str]:
+    """The output names of the carried columns (one of ours gets the `source_` prefix)."""
+    if carried is None:
+        return []
+    names = []
+    for name in carried.column_names:
+        out = RENAMED_PREFIX + name if name in ROW_COLUMNS else name
+        if out in ROW_COLUMNS or out in names or (out != name and out in carried.column_names):
+            raise ValueError(f"table column {name!r} clashes with a dataset column; rename it")
+        names.append(out)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_shard(
+    out_dir: Path, shard: Shard, results: list[Encoded | Failed], carried: pa.Table | None
+) -> dict[str, Any]:
+    """Write one shard file atomically from its inputs' results (in input order); return its metadata.
+
+    `carried`: the carried columns of the shard's inputs, one row per input, or None.
+    The file's bytes are a function of the arguments only, so writing it twice is harmless.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r for r in results if isinstance(r, Encoded)]
+    failures = [{"id": r.id, "error": r.error} for r in results if isinstance(r, Failed)]
+    meta = {
+        "key": shard.key,
+        "rows": len(rows),
+        "inputs": len(shard.inputs),
+        "audio_seconds": sum(r.duration for r in rows),
+        "failures": failures,
+    }
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([r.id for r in rows], pa.string()),
+        "codes": _codes_array(rows),
+        "num_frames": pa.array([r.codes.shape[1] for r in rows], pa.int32()),
+        "duration": pa.array([r.duration for r in rows], pa.float64()),
+        "sample_rate": pa.array([r.sample_rate for r in rows], pa.int32()),
+        "num_samples": pa.array([r.num_samples for r in rows], pa.int64()),
+        "channels": pa.array([r.channels for r in rows], pa.int16()),
+    }
+    if carried is not None:
+        kept = [i for i, r in enumerate(results) if isinstance(r, Encoded)]
+        taken = carried.take(pa.array(kept, pa.int64()))
+        for name, column in zip(carried_names(carried), taken.columns, strict=True):
+            columns[name] = column
+    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out_dir / shard.name) as out:
+        pq.write_table(table, out, compression="zstd")
+    return meta
+
+
+def _codes_array(rows: list[Encoded]) -> pa.Array:
+    """list<list<int16>>: row → codebook → frame, built from flat buffers (no Python loop per code)."""
+    import pyarrow as pa
+
+    k = np.array([r.codes.shape[0] for r in rows], np.int32)
+    frames = np.repeat([r.codes.shape[1] for r in rows], k).astype(np.int32)
+    values = np.concatenate([r.codes.reshape(-1) for r in rows]) if rows else np.zeros(0, np.int16)
+    inner = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum(frames)]).astype(np.int32)), pa.array(values, pa.int16())
+    )
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(k)]).astype(np.int32)), inner)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def completed(out_dir: Path, shard: Shard) -> dict[str, Any] | None:
+    """The metadata of a complete, current shard file; None when it must be (re)written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = out_dir / shard.name
+    try:
+        metadata = pq.read_metadata(path)
+        meta = json.loads((metadata.metadata or {}).get(META_KEY, b"{}"))
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    if meta.get("key") != shard.key or meta.get("rows") != metadata.num_rows:
+        return None
+    return meta
+
+
+def remove_leftovers(out_dir: Path, shards: list[Shard]) -> list[str]:
+    """Remove the temporary files of killed runs and part files the plan no longer has; their names."""
+    if not out_dir.is_dir():
+        return []
+    wanted = {s.name for s in shards}
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        temporary = path.name.startswith(".part-") and path.name.endswith(".tmp")
+        stale = SHARD_NAME.fullmatch(path.name) and path.name not in wanted
+        if (temporary or stale) and path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class DatasetSummary:
+    rows: int
+    inputs: int
+    audio_seconds: float
+    failures: list[dict[str, str]]
+    shards_written: int
+    shards_kept: int
+    seconds: float = 0.0
+
+
+def finish_dataset(
+    out_dir: Path,
+    shards: list[Shard],
+    metas: dict[int, dict[str, Any]],
+    codebooks: int,
+    fingerprint: bytes,
+    source: str,
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Write failures.jsonl and dataset.json (atomically) from every shard's metadata."""
+    failures = [f for s in shards for f in metas[s.index]["failures"]]
+    with atomic_output(out_dir / FAILURES) as out:
+        out.write("".join(json.dumps(f) + "\n" for f in failures).encode())
+    rows = sum(metas[s.index]["rows"] for s in shards)
+    seconds = sum(metas[s.index]["audio_seconds"] for s in shards)
+    description = {
+        "format": "mimi-tokens",
+        "mimi_cli_version": __version__,
+        "codebooks": codebooks,
+        "fingerprint": fingerprint.hex(),
+        "sample_rate": SAMPLE_RATE,
+        "frame_size": FRAME_SIZE,
+        "frame_rate": SAMPLE_RATE / FRAME_SIZE,
+        "source": source,
+        "inputs": sum(len(s.inputs) for s in shards),
+        "rows": rows,
+        "failed": len(failures),
+        "audio_hours": round(seconds / 3600, 6),
+        "shards": [{"file": s.name, "rows": metas[s.index]["rows"]} for s in shards],
+    }
+    with atomic_output(out_dir / DATASET) as out:
+        out.write((json.dumps(description, indent=2) + "\n").encode())
+    return failures, description

@@ -1,0 +1,216 @@
+"""Small corpora for the `mimi tokenize` tests, and readers of the datasets it writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+from signals import speech_like
+
+MIMI = Path(sys.executable).parent / "mimi"  # the installed console script
+RAY = Path(sys.executable).parent / "ray"
+
+# relative path, rate, channels, seconds
+GOOD = [
+    ("a.wav", 16_000, 1, 0.9),
+    ("b.flac", 44_100, 2, 1.3),
+    ("sub/c.wav", 22_050, 1, 0.5),
+    ("sub/d.ogg", 48_000, 1, 1.1),
+    ("sub/deeper/e.wav", 24_000, 2, 0.7),
+    ("f.wav", 8_000, 1, 1.6),
+    ("g.flac", 32_000, 1, 0.2),
+]
+BAD = {  # inputs that must land in failures.jsonl, and a word of their reason
+    "broken/corrupt.wav": "not a readable audio file",
+    "broken/empty.wav": "no samples",
+    "notes.wav": "not a readable audio file",
+}
+
+
+def audio_signal(rate: int, channels: int, seconds: float, seed: int) -> np.ndarray:
+    mono = speech_like(seconds, rate, seed=seed)
+    if channels == 1:
+        return mono
+    return np.stack([mono, 0.5 * speech_like(seconds, rate, seed=seed + 100)], axis=1)
+
+
+def write_audio(path: Path, rate: int, channels: int, seconds: float, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}[path.suffix]
+    sf.write(path, audio_signal(rate, channels, seconds, seed), rate, format=fmt)
+    return path
+
+
+def make_corpus(root: Path, bad: bool = True) -> Path:
+    for seed, (relative, rate, channels, seconds) in enumerate(GOOD):
+        write_audio(root / relative, rate, channels, seconds, seed)
+    if bad:
+        wav = (root / "a.wav").read_bytes()
+        (root / "broken").mkdir()
+        (root / "broken/corrupt.wav").write_bytes(wav[:12] + b"\xff" * 24 + wav[36:])
+        sf.write(root / "broken/empty.wav", np.zeros(0, np.float32), 16_000)
+        (root / "notes.wav").write_text("not audio, whatever the suffix says\n")
+    (root / "README.txt").write_text("no audio suffix: not an input\n")
+    return root
+
+
+def make_many(root: Path, count: int, seconds: float = 1.0) -> Path:
+    """`count` mono files of `seconds` at varied rates, in a few folders."""
+    for i in range(count):
+        rate = (16_000, 22_050, 24_000, 44_100)[i % 4]
+        write_audio(root / f"d{i % 3}" / f"f{i:03d}.wav", rate, 1, seconds, 1000 + i)
+    return root
+
+
+def hf_cell(data: bytes | None = None, path: str | None = None) -> dict:
+    return {"bytes": data, "path": path}
+
+
+def make_table(root: Path, corpus: Path) -> Path:
+    """A Hugging Face-layout Parquet folder over `corpus`: bytes-only, path-only and bad cells, two files,
+    carried columns (one of them named like a dataset column)."""
+    root.mkdir(parents=True, exist_ok=True)
+    audio_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows_a = [
+        (hf_cell((corpus / "a.wav").read_bytes()), "first", 7, 0.5),  # bytes only
+        (hf_cell(None, str(corpus / "b.flac")), "second", 8, 1.5),  # path only, absolute
+        (hf_cell(b"RIFF garbage, not audio at all"), "third", 9, 2.5),  # unreadable bytes
+        (hf_cell(None, None), "fourth", 10, 3.5),  # neither
+    ]
+    (root / "clips").mkdir(exist_ok=True)
+    write_audio(root / "clips/h.wav", 16_000, 1, 0.6, 77)
+    rows_b = [
+        (hf_cell(None, "clips/h.wav"), "fifth", 11, 4.5),  # path only, relative to the table's folder
+        (hf_cell((corpus / "sub/c.wav").read_bytes(), "c.wav"), "sixth", 12, 5.5),  # both: bytes win
+    ]
+    for name, rows in (("train-00000.parquet", rows_a), ("train-00001.parquet", rows_b)):
+        table = pa.table(
+            {
+                "audio": pa.array([r[0] for r in rows], audio_type),
+                "text": pa.array([r[1] for r in rows], pa.string()),
+                "speaker": pa.array([r[2] for r in rows], pa.int64()),
+                "duration": pa.array([r[3] for r in rows], pa.float32()),
+            }
+        )
+        pq.write_table(table, root / name, row_group_size=2)
+    return root
+
+
+def parts(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet"))
+
+
+def read_dataset(out: Path) -> pa.Table:
+    """Every shard, in order, as one table (schema metadata dropped)."""
+    tables = [pq.read_table(p) for p in parts(out)]
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+
+
+def read_rows(out: Path) -> dict[str, dict]:
+    rows = read_dataset(out).to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a row is in the dataset twice"
+    return {r["id"]: r for r in rows}
+
+
+def read_failures(out: Path) -> dict[str, str]:
+    lines = (out / "failures.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len({r["id"] for r in records}) == len(records)
+    return {r["id"]: r["error"] for r in records}
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in parts(out)}
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment of `mimi` subprocesses: this tree first on the path, Ray quiet and local."""
+    root = str(Path(__file__).resolve().parents[1])
+    base = {k: v for k, v in os.environ.items() if k not in ("MIMI_DEBUG", "MIMI_WEIGHTS")}
+    path = os.pathsep.join(p for p in (root, base.get("PYTHONPATH", "")) if p)
+    return {
+        **base,
+        "PYTHONPATH": path,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+        "RAY_AUTH_MODE": "disabled",
+        **extra,
+    }
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- a Ray head
+
+
+@contextmanager
+def ray_head_on_localhost(cpus: int) -> Iterator[str]:
+    """A Ray head on 127.0.0.1 with `cpus` CPUs and a small object store; yields its address.
+
+    Stopped at the end with every process of its group: SIGTERM (the --block process stops the node),
+    then SIGKILL for anything left.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay short
+    command = [
+        str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--num-cpus", str(cpus), "--include-dashboard=false", "--object-store-memory", "200000000",
+        "--disable-usage-stats", "--temp-dir", temp,
+    ]  # fmt: skip
+    head = subprocess.Popen(
+        command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not _ray_ready(address):
+            if head.poll() is not None:
+                raise RuntimeError("ray start --head exited")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Ray head did not come up within 3 minutes")
+            time.sleep(1)
+        yield address
+    finally:
+        _stop_group(head)
+
+
+def _ray_ready(address: str) -> bool:
+    result = subprocess.run(
+        [str(RAY), "status", "--address", address], env=env(), capture_output=True, timeout=60
+    )
+    return result.returncode == 0
+
+
+def _stop_group(head: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            head.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            time.sleep(2)  # let the node's own processes exit, then kill any left in the group

@@ -1,0 +1,127 @@
+"""`mimi tokenize --engine ray` on a real Ray cluster: a head the tests start on 127.0.0.1 and stop.
+
+The same corpus through the local engine, a Ray instance started for the run, and the running head
+(`--address`) gives the same shard files byte for byte; a Ray worker killed mid-run still leaves every
+row exactly once. Each run is a `mimi` subprocess, as a user would start it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from corpora import (
+    MIMI,
+    env,
+    make_corpus,
+    make_many,
+    make_table,
+    parts,
+    ray_head_on_localhost,
+    read_failures,
+    read_rows,
+    shard_bytes,
+)
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mimi-cli[ray]')")
+K = 8
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A Ray head on 127.0.0.1 (2 CPUs, small object store), stopped with its processes at the end."""
+    with ray_head_on_localhost(cpus=2) as address:
+        yield address
+
+
+def tokenize(
+    src: Path, out: Path, weights: Path, *extra: object, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    args = [MIMI, "tokenize", src, out, "-w", weights, "-k", K, *extra]
+    return subprocess.run([str(a) for a in args], env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def local(corpus, tiny_weights, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "out"
+    result = tokenize(corpus, out, tiny_weights, "--shard-size", 4, "--batch-size", 2)
+    assert result.returncode == 1, result.stderr  # the corpus holds bad files
+    return out
+
+
+def test_ray_for_the_run_and_the_running_head_equal_the_local_engine(
+    corpus, local, tiny_weights, ray_head, tmp_path
+) -> None:
+    for name, extra in (("own", []), ("head", ["--address", ray_head])):
+        out = tmp_path / name
+        result = tokenize(
+            corpus, out, tiny_weights, "--shard-size", 4, "--batch-size", 2, "--engine", "ray", *extra
+        )
+        assert result.returncode == 1, result.stderr
+        assert "3 failed" in result.stderr  # the same failure table as folder encode
+        assert shard_bytes(out) == shard_bytes(local), name  # same rows, same codes, same order, same files
+        assert read_failures(out) == read_failures(local)
+        assert (out / "dataset.json").read_text() == (local / "dataset.json").read_text()
+
+
+def test_tables_on_the_head(corpus, tiny_weights, ray_head, tmp_path) -> None:
+    table = make_table(tmp_path / "hf", corpus)
+    on_ray = tmp_path / "ray"
+    result = tokenize(
+        table, on_ray, tiny_weights, "--shard-size", 3, "--engine", "ray", "--address", ray_head
+    )
+    assert result.returncode == 1, result.stderr
+    result = tokenize(table, tmp_path / "local", tiny_weights, "--shard-size", 3)
+    assert shard_bytes(on_ray) == shard_bytes(tmp_path / "local")
+    assert read_rows(on_ray)["train-00001.parquet:0"]["text"] == "fifth"  # carried through Ray too
+
+
+def test_a_killed_ray_worker_still_gives_every_row_once(tiny_weights, ray_head, tmp_path) -> None:
+    corpus = make_many(tmp_path / "many", 30, seconds=2.0)
+    reference = tmp_path / "reference"
+    assert tokenize(corpus, reference, tiny_weights, "--shard-size", 3).returncode == 0
+    out = tmp_path / "out"
+    args = [MIMI, "tokenize", corpus, out, "-w", tiny_weights, "-k", K, "--shard-size", 3]
+    args += ["--engine", "ray", "--address", ray_head]
+    run = subprocess.Popen([str(a) for a in args], env=env(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        victim = None
+        while victim is None and run.poll() is None and time.monotonic() < deadline:
+            victim = _encoder_worker() if parts(out) else None  # mid-run: a shard is out, more to come
+            time.sleep(0.05)
+        assert victim is not None, "no encoder actor seen while the run was going"
+        shards_before = len(parts(out))
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert shards_before < 10, "the run was over before the kill"
+    assert run.returncode == 0, stderr
+    rows = read_rows(out)  # asserts that no id is there twice
+    assert len(rows) == 30
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def _encoder_worker() -> int | None:
+    """The pid of a Ray worker process running the encoder actor, if one is up."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and "_Encoder" in title:
+            return int(entry.name)
+    return None
