@@ -325,3 +325,34 @@ def test_injected_faults_leave_no_unraisable_hooks_output(monkeypatch):
         with AudioWriter(failing, RATE, "FLAC") as writer:
             writer.write(np.zeros(RATE, np.float32))
     assert seen == []
+
+
+def _shards(folder: Path) -> dict[str, list[dict]]:
+    import pyarrow.parquet as pq
+
+    return {p.name: pq.read_table(p).to_pylist() for p in sorted(folder.glob("part-*.parquet"))}
+
+
+def test_tokenize_on_a_full_tmpfs_stops_then_resumes(tiny_weights, tmp_path):
+    pytest.importorskip("pyarrow", reason="the corpus command writes Parquet with pyarrow")
+    src = _tree(tmp_path / "audio", 16, 1.0)
+    options = ["-w", tiny_weights, "-k", "8", "--shard-size", "1", "-q"]
+    reference = tmp_path / "reference"
+    assert _mimi("tokenize", src, reference, *options).returncode == 0
+    expected = _shards(reference)
+    assert len(expected) == 16
+    used = sum(p.stat().st_blocks * 512 for p in reference.iterdir())
+    with tmpfs(tmp_path / "disk", f"{(used // 2) // 4096 * 4096}") as disk:  # half of what it needs
+        out = disk / "tokens"
+        run = _mimi("tokenize", src, out, *options)
+        assert run.returncode == 2, run.stderr
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "no space left on device" in lines[0], run.stderr
+        assert "Traceback" not in run.stderr
+        kept = _shards(out)
+        assert 0 < len(kept) < 16, "the disk should fill partway through"
+        assert all(kept[name] == expected[name] for name in kept)  # the shards kept are complete
+        assert not list(out.glob(".*")), "no temporary shard is left"
+        _remount(disk, "size=20m")
+        assert _mimi("tokenize", src, out, *options).returncode == 0
+        assert _shards(out) == expected
