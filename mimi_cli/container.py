@@ -251,6 +251,11 @@ class ContainerWriter:
         else:
             self._aborted = True
 
+    @property
+    def frames(self) -> int:
+        """Frames given so far (written, or waiting in the current chunk)."""
+        return self._frames + self._pending.shape[1]
+
     def write(self, codes: np.ndarray) -> None:
         """Append codes: int array [K, n], any n ≥ 0, values 0..2^b-1. Emits every completed chunk."""
         if self._final is not None or self._aborted:
