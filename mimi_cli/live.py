@@ -12,7 +12,9 @@ header) holding the frames encoded so far, and the KeyboardInterrupt is re-raise
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -142,8 +144,9 @@ def encode_live(
                 times.append(time.perf_counter() - tick)
                 if on_frame:
                     on_frame(times[-1])
-                writer.write(codes[0].numpy())
-                sink.flush()
+                with _whole_writes():
+                    writer.write(codes[0].numpy())
+                    sink.flush()
 
             frames = _Framer()
             try:
@@ -166,8 +169,9 @@ def encode_live(
                 stopped = True
                 spanned = writer.frames * FRAME_SIZE * source.rate // SAMPLE_RATE
                 length = min(source.frames_read, spanned)
-            final = writer.close(original_length=length)
-            sink.flush()
+            with _whole_writes():
+                final = writer.close(original_length=length)
+                sink.flush()
     summary = LiveSummary(
         input=name,
         output=display_name(dst, "<stdout>"),
@@ -183,6 +187,34 @@ def encode_live(
     if stopped:
         raise LiveStopped(summary)
     return summary
+
+
+class _whole_writes:  # noqa: N801  (a context manager used like a function)
+    """Holds back Ctrl-C while a frame's bytes are written, then delivers it.
+
+    An interrupt inside a write could leave a chunk half written, or written but not counted (the end
+    record would then disagree with the chunks). SIGINT is caught for the duration (main thread only)
+    and passed on afterwards to the handler that was in place.
+    """
+
+    def __enter__(self) -> None:
+        self.caught: tuple[int, Any] | None = None
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self._catch)
+
+    def _catch(self, signum: int, frame: Any) -> None:
+        self.caught = (signum, frame)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.installed:
+            return
+        signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
+        if self.caught is not None:
+            if callable(self.previous):
+                self.previous(*self.caught)
+            elif self.previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 class LiveStopped(KeyboardInterrupt):
@@ -336,7 +368,7 @@ def decode_live(
         if rate != SAMPLE_RATE:
             resampler = soxr.ResampleStream(SAMPLE_RATE, rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
         times: list[float] = []
-        frames, written, stopped = 0, 0, False
+        frames, stopped = 0, False
         with _audio_sink(dst, rate, raw, audio_format) as sink:
             try:
                 chunks = reader.chunks()
@@ -349,8 +381,8 @@ def decode_live(
                     frames += chunk.shape[1]
                     if resampler is not None:
                         audio = resampler.resample_chunk(audio)
-                    sink.write(audio)
-                    written += len(audio)
+                    with _whole_writes():
+                        sink.write(audio)
                 if resampler is not None:
                     sink.write(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
             except KeyboardInterrupt:
