@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint bench bench-memory bench-batch
+.PHONY: install test lint bench bench-memory bench-batch bench-latency
 
 install: $(VENV)/.installed
 
@@ -29,3 +29,6 @@ bench-memory: install
 
 bench-batch: install
 	$(PY) benchmarks/batch.py
+
+bench-latency: install
+	$(PY) benchmarks/latency.py
