@@ -172,18 +172,24 @@ def encode_live(
             with _whole_writes():
                 final = writer.close(original_length=length)
                 sink.flush()
-    summary = LiveSummary(
-        input=name,
-        output=display_name(dst, "<stdout>"),
+    return _ended(
+        name, dst, started, times, stopped,
         duration=source.frames_read / source.rate,
         codebooks=num_codebooks,
         frames=final.num_frames or 0,
         container_bytes=sink.count if isinstance(sink, _CountingPipe) else os.path.getsize(dst),
         pcm_bytes=source.frames_read * source.channels * 2,
-        seconds=time.perf_counter() - started,
-        frame_seconds=tuple(times),
-        stopped=stopped,
-    )
+    )  # fmt: skip
+
+
+def _ended(
+    name: str, dst: str | os.PathLike[str], started: float, times: list[float], stopped: bool, **fields: Any
+) -> LiveSummary:
+    """The run's summary; raised inside a LiveStopped (a KeyboardInterrupt) when the run was interrupted."""
+    summary = LiveSummary(
+        input=name, output=display_name(dst, "<stdout>"), seconds=time.perf_counter() - started,
+        frame_seconds=tuple(times), stopped=stopped, **fields,
+    )  # fmt: skip
     if stopped:
         raise LiveStopped(summary)
     return summary
@@ -388,21 +394,14 @@ def decode_live(
             except KeyboardInterrupt:
                 stopped = True
         final = reader.header
-    summary = LiveSummary(
-        input=name,
-        output=display_name(dst, "<stdout>"),
+    return _ended(
+        name, dst, started, times, stopped,
         duration=frames * FRAME_SIZE / SAMPLE_RATE,
         codebooks=codebooks,
         frames=frames,
         container_bytes=stream.count,
         pcm_bytes=(final.original_length or 0) * final.original_channels * 2,
-        seconds=time.perf_counter() - started,
-        frame_seconds=tuple(times),
-        stopped=stopped,
-    )
-    if stopped:
-        raise LiveStopped(summary)
-    return summary
+    )  # fmt: skip
 
 
 class _audio_sink:  # noqa: N801  (a context manager used like a function)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from signals import noise, speech_like
 
 from mimi_cli import load_model
 from mimi_cli.codec import decode_file, encode_file, read_container
-from mimi_cli.container import read_codes
+from mimi_cli.container import ContainerWriter, read_codes
 from mimi_cli.errors import FormatError
 from mimi_cli.live import LiveStopped, decode_live, encode_live, frame_stats
 from mimi_cli.rawpcm import PcmFormat
@@ -128,12 +130,20 @@ def test_frame_stats():
 # ---------------------------------------------------------------------------------------------- pipes
 
 
-def _popen(*args: object) -> subprocess.Popen:
+@contextlib.contextmanager
+def _running(*args: object) -> Iterator[subprocess.Popen]:
+    """The `mimi` command in a subprocess with piped stdio, killed at the end if still running."""
     env = {k: v for k, v in os.environ.items() if k not in ("MIMI_DEBUG", "MIMI_WEIGHTS")}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [str(MIMI), *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _read_at_least(proc: subprocess.Popen, got: bytearray, size: int) -> None:
@@ -155,20 +165,14 @@ def _header_size(got: bytearray, proc: subprocess.Popen) -> int:
 
 
 def _stop(proc: subprocess.Popen) -> tuple[bytes, bytes]:
-    try:
-        return proc.communicate(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return proc.communicate(timeout=WAIT)
 
 
 def test_pipe_codes_leave_frame_by_frame(tiny, tiny_weights, tmp_path):
     """Each frame's codes appear while the input stays open; the finished stream equals offline."""
     audio = speech_like(0.4 + 5 * FRAME / 24_000)[: 5 * FRAME]
-    proc = _popen("encode", "-", "-", "--live", "-k", 8, "-w", tiny_weights, "-q")
     got = bytearray()
-    try:
+    with _running("encode", "-", "-", "--live", "-k", 8, "-w", tiny_weights, "-q") as proc:
         proc.stdin.write(stream_header(24_000, 1) + _pcm16(audio[: 3 * FRAME]))
         proc.stdin.flush()
         header = _header_size(got, proc)
@@ -179,10 +183,6 @@ def test_pipe_codes_leave_frame_by_frame(tiny, tiny_weights, tmp_path):
         proc.stdin.flush()
         _read_at_least(proc, got, header + 5 * chunk)
         out, err = _stop(proc)  # closes its stdin: the end of the input
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     header, codes = read_codes(io.BytesIO(bytes(got) + out))
     assert header.original_length == 5 * FRAME
@@ -196,25 +196,17 @@ def test_pipe_codes_leave_frame_by_frame(tiny, tiny_weights, tmp_path):
 def test_pipe_decoder_writes_each_chunk_at_once(tiny_weights, tmp_path):
     sf.write(tmp_path / "in.wav", speech_like(1.0), 24_000)
     encode_file(load_model(tiny_weights), tmp_path / "in.wav", tmp_path / "a.mimi", 8)
-    data = (tmp_path / "a.mimi").read_bytes()
-    header = 47 + int.from_bytes(data[41:43], "little")
+    header, codes = read_container(tmp_path / "a.mimi")
     stream = io.BytesIO()
-    from mimi_cli.container import ContainerWriter
-
-    _, codes = read_container(tmp_path / "a.mimi")
-    writer = ContainerWriter(stream, read_container(tmp_path / "a.mimi")[0], chunk_frames=1)
-    writer.write(codes)
+    ContainerWriter(stream, header, chunk_frames=1).write(codes)  # one frame per chunk, as --live writes
     live_stream = stream.getvalue()
-    proc = _popen("decode", "-", "-", "--live", "--raw", "--rate", 24_000, "-w", tiny_weights, "-q")
+    header_size = 47 + int.from_bytes(live_stream[41:43], "little")
     got = bytearray()
-    try:
-        proc.stdin.write(live_stream[: header + 2 * 17])  # the header and two one-frame chunks
+    with _running("decode", "-", "-", "--live", "--raw", "--rate", 24_000, "-w", tiny_weights, "-q") as proc:
+        proc.stdin.write(live_stream[: header_size + 2 * 17])  # the header and two one-frame chunks
         proc.stdin.flush()
         _read_at_least(proc, got, 2 * FRAME * 2)
         assert len(got) == 2 * FRAME * 2
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _wait_for_frames(proc: subprocess.Popen, got: bytearray, frames: int) -> int:
@@ -225,18 +217,13 @@ def _wait_for_frames(proc: subprocess.Popen, got: bytearray, frames: int) -> int
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs POSIX signals")
 def test_ctrl_c_keeps_every_complete_frame_on_a_pipe(tiny_weights):
-    proc = _popen("encode", "-", "-", "--live", "-k", 8, "-w", tiny_weights, "-q")
     got = bytearray()
-    try:
+    with _running("encode", "-", "-", "--live", "-k", 8, "-w", tiny_weights, "-q") as proc:
         proc.stdin.write(stream_header(24_000, 1) + _pcm16(speech_like(1.0)[: 3 * FRAME + 700]))
         proc.stdin.flush()
         _wait_for_frames(proc, got, 3)
         proc.send_signal(signal.SIGINT)
         out, err = _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err
     assert b"interrupted" in err and b"Traceback" not in err
     header, codes = read_codes(io.BytesIO(bytes(got) + out))  # a valid stream: end record and all
@@ -248,8 +235,9 @@ def test_ctrl_c_keeps_every_complete_frame_on_a_pipe(tiny_weights):
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs POSIX signals")
 def test_ctrl_c_keeps_a_live_file_output(tiny_weights, tmp_path):
     out = tmp_path / "live.mimi"
-    proc = _popen("encode", "-", out, "--live", "--raw", "--rate", 16_000, "-k", 8, "-w", tiny_weights, "-q")
-    try:
+    with _running(
+        "encode", "-", out, "--live", "--raw", "--rate", 16_000, "-k", 8, "-w", tiny_weights, "-q"
+    ) as proc:
         proc.stdin.write(_pcm16(speech_like(1.0)[: 3 * 1280 + 100]))  # three 16 kHz frames and a bit
         proc.stdin.flush()
         deadline = time.monotonic() + WAIT
@@ -261,10 +249,6 @@ def test_ctrl_c_keeps_a_live_file_output(tiny_weights, tmp_path):
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         _, err = _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err
     header, codes = read_container(out)  # the file is complete: header patched with the totals
     assert codes.shape[1] >= 2 and header.num_frames == codes.shape[1]
