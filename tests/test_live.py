@@ -25,7 +25,7 @@ from mimi_cli.container import ContainerWriter, read_codes
 from mimi_cli.errors import FormatError
 from mimi_cli.live import LiveStopped, decode_live, encode_live, frame_stats
 from mimi_cli.rawpcm import PcmFormat
-from mimi_cli.wavpipe import stream_header
+from mimi_cli.wavpipe import parse_header, stream_header
 
 MIMI = Path(sys.executable).with_name("mimi")
 FRAMES_PER_NEAR_TIE = 200  # a float-rounding near-tie may flip a code (and the later ones of its frame)
@@ -307,3 +307,22 @@ def test_bad_live_options_are_one_line_and_exit_2(tiny_weights, tmp_path, args, 
     assert result.returncode == 2, err
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.mimi").exists()
+
+
+def test_live_decode_writes_wav_on_a_pipe(tiny, tiny_weights, tmp_path):
+    sf.write(tmp_path / "in.wav", speech_like(1.0), 24_000)
+    encode_file(tiny, tmp_path / "in.wav", tmp_path / "a.mimi", 8)
+    env = {k: v for k, v in os.environ.items() if k not in ("MIMI_DEBUG", "MIMI_WEIGHTS")}
+    result = subprocess.run(
+        [str(MIMI), "decode", str(tmp_path / "a.mimi"), "-", "--live", "-w", str(tiny_weights), "-q"],
+        capture_output=True, timeout=WAIT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    stream = io.BytesIO(result.stdout)
+    fmt = parse_header("<stdout>", stream, [stream.read(12)])
+    assert fmt is not None and (fmt.sample_rate, fmt.channels, fmt.subtype) == (24_000, 1, "PCM_16")
+    samples = np.frombuffer(stream.read(), "<i2")
+    assert len(samples) == 13 * FRAME  # whole frames: 1 s is 12.5 frames
+    offline = decode_file(tiny, tmp_path / "a.mimi", tmp_path / "offline.wav")
+    reference, _ = sf.read(tmp_path / "offline.wav", dtype="int16")
+    assert offline.frames == 13 and np.abs(samples[:24_000].astype(int) - reference).max() <= 1
