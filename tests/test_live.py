@@ -82,6 +82,18 @@ def test_live_codes_equal_offline(tiny, tmp_path, rate, channels, seconds):
         os.unlink(tmp_path / "live.mimi")
 
 
+@pytest.mark.parametrize("chunk_frames", [1, 4])
+def test_live_file_size_is_one_chunk_per_chunk_frames(tiny, tmp_path, chunk_frames):
+    from mimi_cli.container import encode_metadata, file_size
+
+    sf.write(tmp_path / "in.wav", speech_like(1.5), 24_000)
+    encode_live(tiny, tmp_path / "in.wav", tmp_path / "a.mimi", 8, chunk_frames=chunk_frames)
+    header, codes = read_container(tmp_path / "a.mimi")
+    assert codes.shape == (8, 19)
+    expected = file_size(8, 19, len(encode_metadata(header.metadata)), chunk_frames=chunk_frames)
+    assert (tmp_path / "a.mimi").stat().st_size == expected  # a file output: header patched, no end record
+
+
 def test_live_decode_equals_offline(tiny, tmp_path):
     sf.write(tmp_path / "in.wav", noise(3.1), 24_000, subtype="FLOAT")
     encode_file(tiny, tmp_path / "in.wav", tmp_path / "a.mimi", 16)
@@ -291,6 +303,8 @@ def test_library_interrupt_keeps_frames(tiny, tmp_path, monkeypatch):
             id="bad-sample-format",
         ),
         pytest.param(["encode", "in.flac", "o.mimi", "--live"], "WAV or raw PCM", id="live-needs-wav"),
+        pytest.param(["encode", "in.wav", "o.mimi", "--chunk-frames", "4"], "--live", id="chunks-live"),
+        pytest.param(["encode", "in.wav", "o.mimi", "--live", "--chunk-frames", "0"], "65535", id="chunks"),
         pytest.param(["decode", "a.mimi", "-", "--live", "--raw", "-r", "original"], "--rate", id="raw-rate"),
     ],
 )

@@ -70,6 +70,8 @@ def encode(
     with errors_to_exit():
         k = choose_codebooks(codebooks, bitrate, quiet or as_json)
         pcm = _raw_format(raw, rate, channels, sample_format, live)
+        if chunk_frames != 1 and not (live and 1 <= chunk_frames <= 0xFFFF):
+            raise ValueError(f"--chunk-frames must be in 1..65535, with --live; got {chunk_frames}")
         if live:
             _live("encode", input, output, force, quiet, as_json, weights, device, dtype, pcm, k,
                   chunk_frames=chunk_frames)  # fmt: skip
