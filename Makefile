@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-gpu lint bench bench-memory bench-batch bench-gpu bench-tokenize
+.PHONY: install test test-gpu lint bench bench-memory bench-batch bench-gpu bench-tokenize bench-latency
 
 install: $(VENV)/.installed
 
@@ -41,3 +41,6 @@ bench-gpu: install
 
 bench-tokenize: install
 	$(PY) benchmarks/corpus.py
+
+bench-latency: install
+	$(PY) benchmarks/latency.py

@@ -31,6 +31,9 @@
 # it writes the sentinels and the end record. A reader checks sum(n) == N, and that nothing follows.
 #
 #   file size = 47 + M + sum over chunks of (6 + ceil(n·K·b/8)) + (18 if streamed else 0)
+#
+# Live streams (`mimi encode --live`) are plain v1 files: one chunk per frame (n = 1, or --chunk-frames),
+# totals unknown, end record on a pipe; an interrupted one is closed the same way, so it stays valid.
 
 from __future__ import annotations
 
@@ -250,6 +253,11 @@ class ContainerWriter:
             self.close()
         else:
             self._aborted = True
+
+    @property
+    def frames(self) -> int:
+        """Frames given so far (written, or waiting in the current chunk)."""
+        return self._frames + self._pending.shape[1]
 
     def write(self, codes: np.ndarray) -> None:
         """Append codes: int array [K, n], any n ≥ 0, values 0..2^b-1. Emits every completed chunk."""

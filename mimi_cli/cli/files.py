@@ -57,14 +57,28 @@ def encode(
     glob: GlobOpt = None,
     jobs: JobsOpt = DEFAULT_JOBS,
     batch_size: BatchSizeOpt = None,
+    live: LiveOpt = False,
+    raw: RawOpt = False,
+    rate: RawRateOpt = None,
+    channels: ChannelsOpt = None,
+    sample_format: SampleFormatOpt = "s16le",
+    chunk_frames: ChunkFramesOpt = 1,
 ) -> None:
     """Encode audio (wav, flac, ogg, mp3, …; any rate and channels) into a .mimi file.
 
     With folders (IN_DIR OUT_DIR), encodes every audio file below IN_DIR into the same tree under
     OUT_DIR, skipping outputs that are complete and up to date, and writes OUT_DIR/manifest.jsonl.
+    With --live, reads WAV or raw PCM as it arrives and writes each 80 ms frame's codes at once.
     """
     with errors_to_exit():
         k = choose_codebooks(codebooks, bitrate, quiet or as_json)
+        pcm = _raw_format(raw, rate, channels, sample_format, live)
+        if chunk_frames != 1 and not (live and 1 <= chunk_frames <= 0xFFFF):
+            raise ValueError(f"--chunk-frames must be in 1..65535, with --live; got {chunk_frames}")
+        if live:
+            _live("encode", input, output, force, quiet, as_json, weights, device, dtype, pcm, k,
+                  chunk_frames=chunk_frames)  # fmt: skip
+            return
         if Path(input).is_dir():
             folders = _Folders(weights, device, dtype, force, quiet, as_json, glob, jobs, batch_size)
             _batch("encode", input, output, folders, codebooks=k)
@@ -87,7 +101,10 @@ def decode(
     input: InputArg,
     output: OutputArg,
     sample_rate: Annotated[
-        str, typer.Option("--sample-rate", "-r", help="24000 (the model's), 'original', or a rate in Hz.")
+        str,
+        typer.Option(
+            "--sample-rate", "-r", "--rate", help="24000 (the model's), 'original', or a rate in Hz."
+        ),
     ] = "24000",
     codebooks: Annotated[
         int | None,
@@ -110,14 +127,27 @@ def decode(
     glob: GlobOpt = None,
     jobs: JobsOpt = DEFAULT_JOBS,
     batch_size: BatchSizeOpt = None,
+    live: LiveOpt = False,
+    raw: RawOpt = False,
+    channels: ChannelsOpt = None,
+    sample_format: SampleFormatOpt = "s16le",
 ) -> None:
     """Decode a .mimi file to audio (WAV, or FLAC/OGG by the output's suffix).
 
     With folders (IN_DIR OUT_DIR), decodes every .mimi file below IN_DIR into the same tree under
     OUT_DIR (.wav, or --format flac/ogg), skipping complete outputs, and writes a manifest.
+    With --live, decodes each chunk of codes as it arrives and writes its audio at once.
     """
     with errors_to_exit():
         rate = _parse_rate(sample_rate)
+        if raw:
+            if not isinstance(rate, int) and rate is not None:
+                raise ValueError("--raw needs a rate in Hz (--rate), not 'original'")
+        pcm = _raw_format(raw, rate or 24_000, channels, sample_format, live)
+        if live:
+            _live("decode", input, output, force, quiet, as_json, weights, device, dtype, pcm, codebooks,
+                  rate, audio_format)  # fmt: skip
+            return
         if codebooks is not None and Path(input).is_dir():
             raise ValueError("--codebooks is not supported for folders")
         if Path(input).is_dir():
@@ -146,6 +176,85 @@ def decode(
         with progress_bar(not quiet, "decoding") as progress:
             summary = decode_file(model, input, output, rate, codebooks, audio_format, force, progress)
         report(summary, quiet, as_json, data_on_stdout=output == STDIO)
+
+
+LiveOpt = Annotated[
+    bool, typer.Option("--live", help="Real time: 80 ms frames, each written and flushed at once.")
+]
+RawOpt = Annotated[
+    bool, typer.Option("--raw", help="Raw PCM instead of WAV (encode: input; decode: output); with --live.")
+]
+RawRateOpt = Annotated[
+    int | None, typer.Option("--rate", help="--raw input: sample rate in Hz.", show_default=False)
+]
+ChannelsOpt = Annotated[
+    int | None,
+    typer.Option("--channels", help="--raw: channels (interleaved) [default: 1].", show_default=False),
+]
+SampleFormatOpt = Annotated[str, typer.Option("--sample-format", help="--raw: s16le or f32le.")]
+ChunkFramesOpt = Annotated[
+    int,
+    typer.Option(
+        "--chunk-frames", help="--live: frames per written chunk (more: less overhead, more latency)."
+    ),
+]
+
+
+def _raw_format(
+    raw: bool, rate: int | str | None, channels: int | None, sample_format: str, live: bool
+) -> Any:
+    """The raw PCM layout (None without --raw); raw options without --raw, or --raw without --live, fail."""
+    from ..rawpcm import PcmFormat
+
+    if not raw:
+        if channels is not None or sample_format != "s16le":
+            raise ValueError("--channels and --sample-format describe raw PCM: add --raw")
+        return None
+    if not live:
+        raise ValueError("--raw needs --live")
+    if rate is None:
+        raise ValueError("--raw needs --rate (the input's sample rate in Hz)")
+    return PcmFormat(int(rate), channels or 1, sample_format)
+
+
+def _live(
+    kind: str,
+    input: str,
+    output: str,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+    weights: str | None,
+    device: str,
+    dtype: str,
+    pcm: Any,
+    codebooks: int | None,
+    rate: int | str | None = None,
+    audio_format: str | None = None,
+    chunk_frames: int = 1,
+) -> None:
+    """Run `encode_live` or `decode_live`; one model thread per process (an encoder and a decoder
+    share two cores best that way: one-frame calls are too small to split across threads)."""
+    import torch
+
+    from .. import live
+
+    if Path(input).is_dir():
+        raise ValueError("--live takes a file or '-', not a folder")
+    check_paths(input, output, force)
+    if input != STDIO and kind == "decode":
+        from ..codec import read_info
+
+        read_info(input)  # a bad .mimi file fails before the weights are loaded
+    model = load_weights(weights, device, dtype)
+    if model.device.type == "cpu":
+        torch.set_num_threads(1)
+    live.warm_up(model, codebooks or model.config.num_quantizers)
+    if kind == "encode":
+        summary = live.encode_live(model, input, output, codebooks or DEFAULT_CODEBOOKS, pcm, chunk_frames)
+    else:
+        summary = live.decode_live(model, input, output, rate, codebooks, pcm, audio_format, force)
+    report(summary, quiet, as_json, data_on_stdout=output == STDIO)
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,9 @@ def sliding_window_attention(
     tail = num_blocks * block - steps
     # left-pad keys so that exactly `window - 1` steps precede the first query, right-pad to whole blocks
     lead = window - 1 - num_past
-    k = F.pad(k, (0, 0, max(lead, 0), tail))[:, :, max(-lead, 0) :]
-    v = F.pad(v, (0, 0, max(lead, 0), tail))[:, :, max(-lead, 0) :]
+    if lead > 0 or tail:  # (a streamed step past the first window needs no padding: no copy then)
+        k, v = F.pad(k, (0, 0, max(lead, 0), tail)), F.pad(v, (0, 0, max(lead, 0), tail))
+    k, v = k[:, :, max(-lead, 0) :], v[:, :, max(-lead, 0) :]
     k_blocks = k.unfold(2, span, block).transpose(-1, -2)  # [B, H, N, span, D]
     v_blocks = v.unfold(2, span, block).transpose(-1, -2)
     q_blocks = F.pad(q, (0, 0, 0, tail)).reshape(batch, heads, num_blocks, block, dim)
@@ -104,7 +105,10 @@ class Attention(nn.Module):
             k, v = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
         out = sliding_window_attention(q, k, v, self.window, num_past)
         if stream is not None:
-            state.keys, state.values = k[:, :, 1 - self.window :].clone(), v[:, :, 1 - self.window :].clone()
+            keys, values = k[:, :, 1 - self.window :], v[:, :, 1 - self.window :]
+            if k.shape[2] > 2 * self.window:  # copies free a long call's keys; a short call's cost a copy
+                keys, values = keys.clone(), values.clone()
+            state.keys, state.values = keys, values
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
 
