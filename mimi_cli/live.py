@@ -12,9 +12,7 @@ header) holding the frames encoded so far, and the KeyboardInterrupt is re-raise
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from .container import ContainerReader, ContainerWriter
 from .errors import AudioError, MimiError
 from .fsutil import STDIO, atomic_output, display_name
 from .rawpcm import PcmFormat
+from .safeio import held_interrupts
 from .wavpipe import decode as decode_wav
 from .wavpipe import is_wav, parse_header, read_upto
 
@@ -144,7 +143,7 @@ def encode_live(
                 times.append(time.perf_counter() - tick)
                 if on_frame:
                     on_frame(times[-1])
-                with _whole_writes():
+                with held_interrupts():  # a frame's bytes are written whole, or not at all
                     writer.write(codes[0].numpy())
                     sink.flush()
 
@@ -169,7 +168,7 @@ def encode_live(
                 stopped = True
                 spanned = writer.frames * FRAME_SIZE * source.rate // SAMPLE_RATE
                 length = min(source.frames_read, spanned)
-            with _whole_writes():
+            with held_interrupts():  # a frame's bytes are written whole, or not at all
                 final = writer.close(original_length=length)
                 sink.flush()
     return _ended(
@@ -193,34 +192,6 @@ def _ended(
     if stopped:
         raise LiveStopped(summary)
     return summary
-
-
-class _whole_writes:  # noqa: N801  (a context manager used like a function)
-    """Holds back Ctrl-C while a frame's bytes are written, then delivers it.
-
-    An interrupt inside a write could leave a chunk half written, or written but not counted (the end
-    record would then disagree with the chunks). SIGINT is caught for the duration (main thread only)
-    and passed on afterwards to the handler that was in place.
-    """
-
-    def __enter__(self) -> None:
-        self.caught: tuple[int, Any] | None = None
-        self.installed = threading.current_thread() is threading.main_thread()
-        if self.installed:
-            self.previous = signal.signal(signal.SIGINT, self._catch)
-
-    def _catch(self, signum: int, frame: Any) -> None:
-        self.caught = (signum, frame)
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.installed:
-            return
-        signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
-        if self.caught is not None:
-            if callable(self.previous):
-                self.previous(*self.caught)
-            elif self.previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
 
 
 class LiveStopped(KeyboardInterrupt):
@@ -387,7 +358,7 @@ def decode_live(
                     frames += chunk.shape[1]
                     if resampler is not None:
                         audio = resampler.resample_chunk(audio)
-                    with _whole_writes():
+                    with held_interrupts():  # a frame's bytes are written whole, or not at all
                         sink.write(audio)
                 if resampler is not None:
                     sink.write(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
