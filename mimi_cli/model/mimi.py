@@ -53,14 +53,16 @@ class MimiModel(nn.Module):
         return self.downsample.conv.weight.dtype
 
     def prepare(self) -> MimiModel:
-        """Derive run-time tensors from the loaded weights (convolution kernels, codebook centroids).
+        """Drop the run-time tensors derived from the weights (convolution kernels, codebook centroids).
 
-        Call after loading or changing weights.
+        Each is derived again on first use, so that a run pays (time and pages of a memory-mapped
+        weights file) only for the parts it uses: encoding never touches the decoder. Call after
+        loading or changing weights.
         """
         self.quantizer.prepare()
         for module in self.modules():
             if isinstance(module, (CausalConv1d, CausalConvTranspose1d)):
-                module.prepare()
+                module.kernel = module.conv.weight.new_empty(0)  # `forward` derives it when empty
         return self
 
     def encode_latents(self, audio: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:

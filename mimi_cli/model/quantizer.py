@@ -16,8 +16,9 @@ class Codebook(nn.Module):
 
     Stored as the released running sums:
 
-    `embed_sum / max(cluster_usage, ε)` are the centroids; `prepare()` computes them once after
-    the weights are loaded, so that encode and decode only index and compare.
+    `embed_sum / max(cluster_usage, ε)` are the centroids; `centroids()` computes them on first use
+    after the weights are loaded (`prepare()` forgets them), so that encode and decode only index and
+    compare, and the codebooks a run does not use are never read.
     """
 
     def __init__(self, size: int, dim: int) -> None:
@@ -27,10 +28,16 @@ class Codebook(nn.Module):
         self.register_buffer("embed_sum", torch.zeros(size, dim))
         self.register_buffer("embed", torch.zeros(size, dim), persistent=False)
 
-    @torch.no_grad()
     def prepare(self) -> None:
-        embed = self.embed_sum.float() / self.cluster_usage.float().clamp(min=_USAGE_EPSILON)[:, None]
-        self.embed = embed
+        self.embed = self.embed_sum.new_empty(0, dtype=torch.float32)
+
+    @torch.no_grad()
+    def centroids(self) -> torch.Tensor:
+        """float32 [size, dim]."""
+        if self.embed.numel() == 0:
+            usage = self.cluster_usage.float().clamp(min=_USAGE_EPSILON)
+            self.embed = self.embed_sum.float() / usage[:, None]
+        return self.embed
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """x: float32 [N, dim] → indices [N] of the nearest centroid (Euclidean distance).
@@ -38,7 +45,7 @@ class Codebook(nn.Module):
         `torch.cdist` (a matrix product plus norms) rounds exactly as the reference does, so that
         near-ties resolve to the same centroid.
         """
-        return torch.cdist(x[None], self.embed[None])[0].argmin(dim=-1)
+        return torch.cdist(x[None], self.centroids()[None])[0].argmin(dim=-1)
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -61,7 +68,7 @@ class ResidualVectorQuantizer(nn.Module):
         codes = []
         for layer in self.layers[:num_codebooks]:
             indices = layer.codebook.nearest(residual)
-            residual = residual - layer.codebook.embed[indices]
+            residual = residual - layer.codebook.centroids()[indices]
             codes.append(indices.view(batch, frames))
         return torch.stack(codes, dim=1)
 
@@ -71,7 +78,7 @@ class ResidualVectorQuantizer(nn.Module):
             return self.output_proj.weight.new_zeros(codes.shape[0], 0, self.output_proj.out_channels)
         total = None
         for k in range(codes.shape[1]):
-            vectors = self.layers[k].codebook.embed[codes[:, k]]  # [B, F, 256]
+            vectors = self.layers[k].codebook.centroids()[codes[:, k]]  # [B, F, 256]
             total = vectors if total is None else total + vectors
         return F.linear(total, self.output_proj.weight[:, :, 0])
 
