@@ -153,9 +153,11 @@ def check_paths(src: str, dst: str, force: bool) -> None:
 
 
 def load_weights(weights: str | None, device: str, dtype: str) -> MimiModel:
+    from ..allocator import keep_freed_memory
     from ..device import resolve_device, resolve_dtype
     from ..weights import load_model
 
+    keep_freed_memory()  # every chunk's activations reuse freed memory instead of fresh pages
     torch_device = resolve_device(device)  # a bad device fails before the weights are read
     return load_model(weights, torch_device, resolve_dtype(dtype, torch_device))
 
