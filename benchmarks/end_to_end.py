@@ -93,6 +93,7 @@ def run_rounds(cmds: dict[str, Command], repeats: int, env: dict[str, str]) -> d
                 return {"error": f"{label}: {lines[-1]}"}
             if round_:
                 times[label].append(elapsed)
+            print(f"  round {round_}/{repeats}: {label}: {elapsed:.2f} s", file=sys.stderr, flush=True)
     return {label: {"s": min(runs), "runs_s": runs} for label, runs in times.items()}
 
 
@@ -145,8 +146,10 @@ marks = [("start", clock())]
 import torch
 marks.append(("import torch", clock()))
 from mimi_cli import codec, weights
+from mimi_cli.allocator import keep_freed_memory
 from mimi_cli.cli import common
 marks.append(("import mimi_cli (cli, codec, weights)", clock()))
+keep_freed_memory()  # as the commands do
 folder, wav, packed, rec = sys.argv[1:5]
 model = weights.load_model(folder, "cpu")
 marks.append(("load weights (fingerprint cached)", clock()))
