@@ -14,10 +14,10 @@ from .transformer import Transformer
 
 # Long inputs are run this many frames at a time (40 s): bounded memory, same result.
 DEFAULT_CHUNK_FRAMES = 500
-# The convolutional parts run this many frames at a time (2 s): cache-sized activations, and a size
-# that divides the codec's 10 s chunks and the 40 s above, so that every piece of a long input has
+# The convolutional parts run this many frames at a time (4 s): cache-sized activations, and a size
+# that divides the codec's 8 s chunks and the 40 s above, so that every piece of a long input has
 # the same shape and the convolution kernels set up for the first piece serve all the others.
-SEANET_PIECE_FRAMES = 25
+SEANET_PIECE_FRAMES = 50
 
 
 class MimiModel(nn.Module):
