@@ -67,7 +67,8 @@ def test_rewritten_weights_are_hashed_again(cache, settled_weights, tiny_state):
 
 def test_a_just_written_file_is_not_cached(cache, tiny_weights, tmp_path):
     folder = tmp_path / "fresh"
-    shutil.copytree(tiny_weights, folder)  # modified now: a second write could keep the same key
+    shutil.copytree(tiny_weights, folder)
+    os.utime(folder / "model.safetensors")  # modified now: a second write could keep the same key
     assert fpcache.file_key(folder / "model.safetensors") is None
     load_model(folder)
     assert not cache.exists()
