@@ -5,8 +5,12 @@ What it measures (one run, everything under a temporary directory):
      (codes → audio) of a speech-like signal (60 s by default), for our model and for the reference
      `transformers.MimiModel`, loaded from the same randomised full-size weights. One warm-up call,
      then the median of `--repeats` calls, interleaved ours/theirs. Both decode the reference's codes.
-  2. The real CLI end to end on a 5 s WAV: `python -m mimi_cli encode|decode` as subprocesses, median
-     wall time, which includes interpreter start, imports and weight loading.
+  2. End to end from the command line (`end_to_end.py`): `python -m mimi_cli encode|decode` and a plain
+     transformers script (import, load, read, encode or decode, save) on 60 s and 5 s WAVs, each run a
+     fresh process from start to output on disk, interleaved, best of `--repeats`; and `python -c
+     "import torch"` in the same rounds, the floor of any torch command.
+  3. A cold-process breakdown of `mimi` (imports, weights, fingerprint, reading, first call, steady
+     compute, writing), wall and CPU seconds.
 
 How to read it: "× real time" is seconds of audio processed per second of wall time (higher is faster;
 above 1 keeps up with live audio). The ratio row is ours ÷ transformers, so above 1 means we are faster.
@@ -22,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from end_to_end import bench_breakdown, bench_end_to_end, print_breakdown, print_end_to_end  # noqa: E402
 from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
 from weights_factory import random_state, write_hub_layout  # noqa: E402
@@ -44,7 +48,7 @@ from mimi_cli import load_model  # noqa: E402
 from mimi_cli.config import MimiConfig  # noqa: E402
 
 SAMPLE_RATE = 24_000
-CLI_SECONDS = 5.0
+END_TO_END_SECONDS = (60.0, 5.0)
 SEED = 1234
 NOISY_SPREAD = 1.3  # slowest run above this × the fastest: something else was probably using the CPU
 
@@ -115,32 +119,7 @@ def bench_models(folder: Path, seconds: float, repeats: int, codebooks: int, ref
     return results
 
 
-def bench_cli(folder: Path, workdir: Path, repeats: int, codebooks: int) -> dict:
-    """Wall times of `python -m mimi_cli encode` and `decode` on a 5 s WAV, or the CLI's error."""
-    wav, packed, rec = workdir / "cli_in.wav", workdir / "cli_out.mimi", workdir / "cli_rec.wav"
-    sf.write(wav, speech_like(CLI_SECONDS), SAMPLE_RATE)
-    mimi, common = [sys.executable, "-m", "mimi_cli"], ["--weights", str(folder), "--force", "--quiet"]
-    commands = {
-        "encode": [*mimi, "encode", str(wav), str(packed), "--codebooks", str(codebooks), *common],
-        "decode": [*mimi, "decode", str(packed), str(rec), *common],
-    }
-    results: dict[str, Any] = {}
-    for step, cmd in commands.items():
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            times.append(time.perf_counter() - start)
-            if proc.returncode != 0:
-                lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-                # a traceback's first line says nothing; its last one names the exception
-                line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
-                return {**results, "error": f"{step}: {line}"}
-        results[step] = figures(times, CLI_SECONDS)
-    return results
-
-
-def noisy_runs(models: dict, cli: dict | None) -> list[str]:
+def noisy_runs(models: dict) -> list[str]:
     """Measurements whose slowest run took more than NOISY_SPREAD × their fastest."""
     measured = [
         (f"{name} {step}", models[name][step])
@@ -148,7 +127,6 @@ def noisy_runs(models: dict, cli: dict | None) -> list[str]:
         if name in models
         for step in ("encode", "decode")
     ]
-    measured += [(f"CLI {step}", cli[step]) for step in ("encode", "decode") if cli and step in cli]
     return [
         f"{label} ({', '.join(f'{t:.2f}' for t in fig['runs_s'])} s)"
         for label, fig in measured
@@ -156,7 +134,7 @@ def noisy_runs(models: dict, cli: dict | None) -> list[str]:
     ]
 
 
-def print_report(env: dict, models: dict, cli: dict | None) -> None:
+def print_report(env: dict, models: dict) -> None:
     print(f"torch {env['torch']}, {env['threads']} threads, CPU: {env['cpu']}, Python {env['python']}")
     seconds, codebooks = env["seconds"], env["codebooks"]
     print(f"\n## Model speed ({seconds:g} s speech-like signal, {codebooks} codebooks, float32)\n")
@@ -172,14 +150,7 @@ def print_report(env: dict, models: dict, cli: dict | None) -> None:
         print(f"| ratio ours/theirs | {enc:.2f} | {dec:.2f} |")
         print(f"\ncodes differing from the reference: {models['codes_differing']:.4%}")
         print(f"decoded audio (same codes) max |ours - reference|: {models['audio_max_abs_diff']:.2e}")
-    if cli is not None:
-        print(f"\n## CLI end to end ({CLI_SECONDS:g} s WAV; includes start-up and weight loading)\n")
-        for step in ("encode", "decode"):
-            if step in cli:
-                print(f"{step}: {cli[step]['s']:.2f} s ({cli[step]['xrt']:.2f} × real time)")
-        if "error" in cli:
-            print(f"CLI not available: {cli['error']}")
-    noisy = noisy_runs(models, cli)
+    noisy = noisy_runs(models)
     if noisy:
         print(f"\nnoisy, slowest run > {NOISY_SPREAD}× fastest (machine busy?): {'; '.join(noisy)}")
 
@@ -190,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--codebooks", type=int, default=16, help="codebooks to encode")
     parser.add_argument("--skip-reference", action="store_true", help="do not time transformers")
-    parser.add_argument("--skip-cli", action="store_true", help="do not time the CLI end to end")
+    parser.add_argument("--skip-cli", action="store_true", help="no end-to-end table nor breakdown")
+    parser.add_argument("--skip-models", action="store_true", help="no model-speed table (warm models)")
+    parser.add_argument(
+        "--baseline", type=Path, help="also time `mimi` of this other checkout end to end (before/after)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -209,12 +184,31 @@ def main(argv: list[str] | None = None) -> None:
         folder = workdir / "weights"
         config = MimiConfig()
         write_hub_layout(folder, config, random_state(config, SEED))
-        models = bench_models(folder, args.seconds, args.repeats, args.codebooks, not args.skip_reference)
-        cli = None if args.skip_cli else bench_cli(folder, workdir, args.repeats, args.codebooks)
-
-    print_report(env, models, cli)
+        reference = not args.skip_reference
+        models = (
+            {}
+            if args.skip_models
+            else bench_models(folder, args.seconds, args.repeats, args.codebooks, reference)
+        )
+        if not args.skip_models:
+            print_report(env, models)
+        cli, breakdown = None, None
+        if not args.skip_cli:
+            wavs = {}
+            for seconds in END_TO_END_SECONDS:
+                wavs[seconds] = workdir / f"speech_{seconds:g}s.wav"
+                sf.write(wavs[seconds], speech_like(seconds), SAMPLE_RATE)
+            time.sleep(2)  # the weights settle: mimi caches the fingerprint of files older than 2 s
+            cli = bench_end_to_end(
+                folder, workdir, wavs, args.repeats, args.codebooks, reference, args.baseline
+            )
+            print_end_to_end(cli, args.codebooks, args.repeats)
+            longest = max(END_TO_END_SECONDS)
+            breakdown = bench_breakdown(folder, workdir, wavs[longest], longest, args.codebooks)
+            print_breakdown(breakdown, longest)
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "models": models, "cli": cli}, indent=2) + "\n")
+        figures_ = {"env": env, "models": models, "end_to_end": cli, "breakdown": breakdown}
+        args.json.write_text(json.dumps(figures_, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ T = TypeVar("T")
 Progress = Callable[[float, float | None], None]
 """Called with (seconds of audio done, total seconds or None when unknown)."""
 
-CHUNK_SECONDS = 10.0  # audio per model call when streaming: large enough for efficient kernels
+# Audio per model call when streaming: large enough for efficient kernels, and a whole number of
+# the model's SEANet pieces (4 s), so that every piece has one shape (see SEANET_PIECE_FRAMES).
+CHUNK_SECONDS = 8.0
 
 
 @dataclass(frozen=True)

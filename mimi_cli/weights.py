@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import fpcache
 from .config import DEFAULT_WEIGHTS, MimiConfig
 from .device import resolve_device, resolve_dtype
 from .errors import WeightsError
@@ -356,7 +357,8 @@ def load_model(
         model = MimiModel(config)
     check_state_dict(state, model, files.weights)
     model.load_state_dict(state, strict=True, assign=True)
-    model.fingerprint = fingerprint(state)
+    key = fpcache.file_key(files.weights, files.config)  # the digest is cached by file identity
+    model.fingerprint = fpcache.cached(key, lambda: fingerprint(state), FINGERPRINT_BYTES)
     model.source = str(files.weights)
-    model.prepare()  # derives the codebook centroids, replacing the last tensors left on "meta"
+    model.prepare()  # derived tensors (left on "meta") are made again on first use
     return model.to_runtime(torch_device, torch_dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,11 +15,18 @@ from signals import noise, speech_like  # noqa: E402,F401
 from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli.config import MimiConfig  # noqa: E402
+from mimi_cli.fpcache import CACHE_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory) -> None:
+    """The fingerprint cache of this run goes to a folder of its own, never the user's cache."""
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

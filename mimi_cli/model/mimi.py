@@ -14,7 +14,9 @@ from .transformer import Transformer
 
 # Long inputs are run this many frames at a time (40 s): bounded memory, same result.
 DEFAULT_CHUNK_FRAMES = 500
-# The convolutional parts run this many frames at a time (4 s): cache-sized activations.
+# The convolutional parts run this many frames at a time (4 s): cache-sized activations, and a size
+# that divides the codec's 8 s chunks and the 40 s above, so that every piece of a long input has
+# the same shape and the convolution kernels set up for the first piece serve all the others.
 SEANET_PIECE_FRAMES = 50
 
 
@@ -53,14 +55,16 @@ class MimiModel(nn.Module):
         return self.downsample.conv.weight.dtype
 
     def prepare(self) -> MimiModel:
-        """Derive run-time tensors from the loaded weights (convolution kernels, codebook centroids).
+        """Drop the run-time tensors derived from the weights (convolution kernels, codebook centroids).
 
-        Call after loading or changing weights.
+        Each is derived again on first use, so that a run pays (time and pages of a memory-mapped
+        weights file) only for the parts it uses: encoding never touches the decoder. Call after
+        loading or changing weights.
         """
         self.quantizer.prepare()
         for module in self.modules():
             if isinstance(module, (CausalConv1d, CausalConvTranspose1d)):
-                module.prepare()
+                module.kernel = module.conv.weight.new_empty(0)  # `forward` derives it when empty
         return self
 
     def encode_latents(self, audio: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:

@@ -16,8 +16,9 @@ class Codebook(nn.Module):
 
     Stored as the released running sums:
 
-    `embed_sum / max(cluster_usage, ε)` are the centroids; `prepare()` computes them once after
-    the weights are loaded, so that encode and decode only index and compare.
+    `embed_sum / max(cluster_usage, ε)` are the centroids; `centroids()` computes them on first use
+    after the weights are loaded (`prepare()` forgets them), so that encode and decode only index and
+    compare, and the codebooks a run does not use are never read.
     """
 
     def __init__(self, size: int, dim: int) -> None:
@@ -28,12 +29,20 @@ class Codebook(nn.Module):
         self.register_buffer("embed", torch.zeros(size, dim), persistent=False)
         self.register_buffer("distance_table", torch.zeros(1, size, dim + 2), persistent=False)
 
-    @torch.no_grad()
     def prepare(self) -> None:
-        embed = self.embed_sum.float() / self.cluster_usage.float().clamp(min=_USAGE_EPSILON)[:, None]
-        norms = embed.pow(2).sum(-1, keepdim=True)
-        self.distance_table = torch.cat([embed, torch.ones_like(norms), norms], dim=-1)[None]
-        self.embed = self.distance_table[0, :, : embed.shape[1]]  # a view: no second copy
+        self.embed = self.embed_sum.new_empty(0, dtype=torch.float32)
+        self.distance_table = self.embed_sum.new_empty(0, dtype=torch.float32)
+
+    @torch.no_grad()
+    def centroids(self) -> torch.Tensor:
+        """float32 [size, dim], computed (with the distance table) on first use."""
+        if self.embed.numel() == 0:
+            usage = self.cluster_usage.float().clamp(min=_USAGE_EPSILON)
+            embed = self.embed_sum.float() / usage[:, None]
+            norms = embed.pow(2).sum(-1, keepdim=True)
+            self.distance_table = torch.cat([embed, torch.ones_like(norms), norms], dim=-1)[None]
+            self.embed = self.distance_table[0, :, : embed.shape[1]]  # a view: no second copy
+        return self.embed
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """x: float32 [N, dim] → indices [N] of the nearest centroid (Euclidean distance).
@@ -43,6 +52,7 @@ class Codebook(nn.Module):
         as the reference does and near-ties resolve to the same centroid; the centroids' half of
         that product is prepared once instead of on every call (it dominates one-frame calls).
         """
+        self.centroids()  # builds the distance table on first use
         norms = x.pow(2).sum(-1, keepdim=True)
         padded = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)[None]
         return padded.matmul(self.distance_table.mT).clamp_min_(0).sqrt_()[0].argmin(dim=-1)
@@ -69,7 +79,7 @@ class ResidualVectorQuantizer(nn.Module):
         for k in range(num_codebooks):  # (slicing a ModuleList builds a new module on every call)
             layer = self.layers[k]
             indices = layer.codebook.nearest(residual)
-            residual = residual - layer.codebook.embed[indices]
+            residual = residual - layer.codebook.centroids()[indices]
             codes.append(indices.view(batch, frames))
         return torch.stack(codes, dim=1)
 
@@ -79,7 +89,7 @@ class ResidualVectorQuantizer(nn.Module):
             return self.output_proj.weight.new_zeros(codes.shape[0], 0, self.output_proj.out_channels)
         total = None
         for k in range(codes.shape[1]):
-            vectors = self.layers[k].codebook.embed[codes[:, k]]  # [B, F, 256]
+            vectors = self.layers[k].codebook.centroids()[codes[:, k]]  # [B, F, 256]
             total = vectors if total is None else total + vectors
         return F.linear(total, self.output_proj.weight[:, :, 0])
 
