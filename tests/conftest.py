@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The Ctrl-C tests need SIGINT as a terminal delivers it. A suite started in the background of a
+# non-interactive shell (`make test &`) inherits SIGINT *ignored*, and so would every `mimi` process
+# the tests start (an ignored signal stays ignored across exec; a handled one is reset to the default).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
