@@ -107,3 +107,33 @@ def test_ctrl_c_at_random_moments_ends_every_run_cleanly(kind, long_flac, tiny_w
     with ThreadPoolExecutor(PARALLEL) as pool:
         problems = [p for p in pool.map(one, range(RUNS)) if p is not None]
     assert problems == [], "\n\n".join(problems)
+
+
+SWALLOWED = """
+import sys, time
+from mimi_cli.cli import deliver_swallowed_interrupt
+if sys.argv[1] == "hook":
+    sys.unraisablehook = deliver_swallowed_interrupt
+
+class Finalised:
+    def __del__(self):
+        raise KeyboardInterrupt  # as a Ctrl-C handled while a finaliser or callback runs
+
+try:
+    Finalised()
+    deadline = time.monotonic() + 5  # the work that goes on: where the interrupt must arrive
+    while time.monotonic() < deadline:
+        pass
+    print("lost")
+except KeyboardInterrupt:
+    print("delivered")
+"""
+
+
+@pytest.mark.parametrize("hook, expected", [("hook", "delivered"), ("none", "lost")])
+def test_a_ctrl_c_swallowed_by_a_callback_is_delivered_again(hook, expected):
+    """A KeyboardInterrupt raised where Python cannot propagate it (seen in a weakref callback of
+    importlib while `import torch` ran) is delivered again by the CLI's unraisable hook; without the
+    hook it is lost, which is what the control case shows."""
+    run = subprocess.run([sys.executable, "-c", SWALLOWED, hook], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == expected, run.stderr
