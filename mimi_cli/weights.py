@@ -21,6 +21,7 @@ from .config import DEFAULT_WEIGHTS, MimiConfig
 from .device import resolve_device, resolve_dtype
 from .errors import WeightsError
 from .model import MimiModel
+from .safeio import held_interrupts
 
 HUB_WEIGHTS_FILE = "model.safetensors"
 HUB_CONFIG_FILE = "config.json"
@@ -232,9 +233,14 @@ def load_config(files: WeightsFiles) -> MimiConfig:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (never unpickles anything)."""
+    """All tensors of a safetensors file (never unpickles anything).
+
+    Ctrl-C is held meanwhile: safetensors' native code calls torch's Python functions, and an interrupt
+    raised in one of them came out as a bogus ValueError about the file.
+    """
     try:
-        return load_file(path)
+        with held_interrupts():
+            return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 

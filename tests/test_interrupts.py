@@ -111,7 +111,7 @@ def test_ctrl_c_at_random_moments_ends_every_run_cleanly(kind, long_flac, tiny_w
 
 SWALLOWED = """
 import sys, time
-from mimi_cli.cli import deliver_swallowed_interrupt
+from mimi_cli.cli.interrupts import deliver_swallowed_interrupt
 if sys.argv[1] == "hook":
     sys.unraisablehook = deliver_swallowed_interrupt
 
@@ -137,3 +137,64 @@ def test_a_ctrl_c_swallowed_by_a_callback_is_delivered_again(hook, expected):
     hook it is lost, which is what the control case shows."""
     run = subprocess.run([sys.executable, "-c", SWALLOWED, hook], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == expected, run.stderr
+
+
+DURING_AN_IMPORT = """
+import os, signal, sys, tempfile, threading, time
+from pathlib import Path
+from mimi_cli.cli import interrupts
+if sys.argv[1] == "installed":
+    interrupts.install()
+
+folder = Path(tempfile.mkdtemp())
+(folder / "slow_module.py").write_text(
+    "import os, signal, time\\n"
+    "os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the module initialises\\n"
+    "deadline = time.monotonic() + 0.5\\n"
+    "while time.monotonic() < deadline:\\n"
+    "    pass\\n"
+    "FINISHED = True\\n"
+)
+sys.path.insert(0, str(folder))
+try:
+    import slow_module
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pass
+    print("lost")
+except KeyboardInterrupt:
+    print("after the import" if "slow_module" in sys.modules else "inside the import")
+"""
+
+
+@pytest.mark.parametrize(
+    "handler, expected", [("installed", "after the import"), ("default", "inside the import")]
+)
+def test_a_ctrl_c_during_an_import_is_raised_once_the_import_is_done(handler, expected):
+    """The CLI's handler never raises inside an import (torch's C++ initialisation aborts the process
+    when an exception is raised in Python code it calls: 'terminate called after throwing an instance
+    of python_error'); it raises as soon as the import is done. The control case shows Python's own
+    handler raising inside the import."""
+    run = subprocess.run(
+        [sys.executable, "-c", DURING_AN_IMPORT, handler], capture_output=True, text=True, timeout=120
+    )
+    assert run.stdout.strip() == expected, run.stderr
+
+
+def test_a_ctrl_c_while_safetensors_loads_is_raised_after_it(monkeypatch, tmp_path):
+    """safetensors' native code calls torch's Python functions; an interrupt raised inside one came
+    out as a bogus 'not a readable safetensors file' error (exit 2). It is held until the load is done."""
+    from mimi_cli import weights
+
+    finished = []
+
+    def load_file(path):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the load
+        time.sleep(0.2)
+        finished.append(path)
+        return {}
+
+    monkeypatch.setattr(weights, "load_file", load_file)
+    with pytest.raises(KeyboardInterrupt):
+        weights.read_state_dict(tmp_path / "model.safetensors")
+    assert finished == [tmp_path / "model.safetensors"]

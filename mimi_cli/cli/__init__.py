@@ -16,33 +16,16 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     """Entry point of the `mimi` console script."""
-    sys.unraisablehook = deliver_swallowed_interrupt
+    from . import interrupts
+
+    interrupts.install()
     try:
         from .entry import run  # typer, rich and the command modules
-    except KeyboardInterrupt:  # Ctrl-C while starting up: the same one line as later on
+
+        run()
+    except KeyboardInterrupt:  # Ctrl-C while starting up (run() handles the later ones): the same line
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    run()
-
-
-def deliver_swallowed_interrupt(unraisable: Any) -> None:
-    """A `sys.unraisablehook` that delivers a swallowed Ctrl-C again instead of printing it.
-
-    Python cannot propagate an exception raised in some callbacks (a weakref callback inside an
-    import, a `__del__`, a C library's callback): it prints "Exception ignored in …" and goes on, so a
-    KeyboardInterrupt raised there would be lost and the command would run to the end. Here it is
-    raised again in the main thread a moment later (once this hook has returned: an interrupt raised
-    inside the hook would be lost too), where it ends the run as usual.
-    """
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        import _thread
-        import threading
-
-        resend = threading.Timer(0.01, _thread.interrupt_main)
-        resend.daemon = True
-        resend.start()
-        return
-    sys.__unraisablehook__(unraisable)
 
 
 def __getattr__(name: str) -> Any:
