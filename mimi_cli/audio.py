@@ -84,7 +84,7 @@ def read_audio(src: AudioPath, target_rate: int | None = SAMPLE_RATE) -> tuple[n
     """
     reader = _open(src)
     with contextlib.closing(reader):
-        blocks = [_downmix(_checked(reader.name, block)) for block in reader.blocks(1 << 18)]
+        blocks = [to_mono(reader.name, block) for block in reader.blocks(1 << 18)]
     audio = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     if not len(audio):
         raise AudioError(f"{reader.name}: contains no samples")
@@ -151,7 +151,7 @@ class AudioBlocks(Iterator[np.ndarray]):
             stream = soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
         try:
             for block in reader.blocks(block_frames):
-                mono = _downmix(_checked(reader.name, block))
+                mono = to_mono(reader.name, block)
                 self.frames_read += len(mono)
                 out = mono if stream is None else stream.resample_chunk(mono)
                 if len(out):
@@ -167,8 +167,9 @@ class AudioBlocks(Iterator[np.ndarray]):
             reader.close()
 
 
-def _downmix(block: np.ndarray) -> np.ndarray:
-    """float32 [n, C] -> contiguous float32 [n], the mean over channels."""
+def to_mono(name: str, block: np.ndarray) -> np.ndarray:
+    """float32 [n, C] -> contiguous float32 [n], the mean over channels; NaN or inf is an AudioError."""
+    _checked(name, block)
     if block.shape[1] == 1:
         return np.ascontiguousarray(block[:, 0])
     return block.mean(axis=1, dtype=np.float32)

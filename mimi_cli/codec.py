@@ -346,19 +346,31 @@ def whole_frames(audio: np.ndarray) -> np.ndarray:
 def _rechunk(blocks: Iterator[np.ndarray], size: int, pad_to: int) -> Iterator[np.ndarray]:
     """Regroup blocks of any size into blocks of `size` samples; the last, shorter one is
     zero-padded to a multiple of `pad_to`."""
-    pending: list[np.ndarray] = []
-    count = 0
+    rechunker = Rechunker(size)
     for block in blocks:
-        pending.append(block)
-        count += len(block)
-        while count >= size:
-            joined = np.concatenate(pending)
-            yield joined[:size]
-            rest = joined[size:]
-            pending, count = ([rest] if len(rest) else []), len(rest)
-    if count:
-        last = np.concatenate(pending)
-        yield np.pad(last, (0, -len(last) % pad_to))
+        yield from rechunker.push(block)
+    yield from rechunker.rest(pad_to)
+
+
+class Rechunker:
+    """Cuts a stream of samples pushed in blocks of any size into blocks of `size` as they complete."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pending = np.zeros(0, np.float32)
+
+    def push(self, audio: np.ndarray) -> Iterator[np.ndarray]:
+        if len(audio):
+            self.pending = np.concatenate([self.pending, audio.astype(np.float32, copy=False)])
+        while len(self.pending) >= self.size:
+            block, self.pending = self.pending[: self.size], self.pending[self.size :]
+            yield block
+
+    def rest(self, pad_to: int) -> Iterator[np.ndarray]:
+        """What is left (shorter than `size`), zero-padded to a multiple of `pad_to`; nothing if empty."""
+        if len(self.pending):
+            yield np.pad(self.pending, (0, -len(self.pending) % pad_to))
+            self.pending = self.pending[:0]
 
 
 class _TrimmedOutput:

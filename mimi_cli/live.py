@@ -22,8 +22,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import soxr
 
-from .audio import RESAMPLE_QUALITY, AudioInfo, AudioWriter
-from .codec import Summary, _CountingPipe, _read_or_explain, check_fingerprint, new_header, output_rate
+from .audio import RESAMPLE_QUALITY, AudioInfo, AudioWriter, to_mono
+from .codec import (
+    Rechunker,
+    Summary,
+    _CountingPipe,
+    _read_or_explain,
+    check_fingerprint,
+    new_header,
+    output_rate,
+)
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .container import ContainerReader, ContainerWriter
 from .errors import AudioError, MimiError
@@ -147,10 +155,10 @@ def encode_live(
                     writer.write(codes[0].numpy())
                     sink.flush()
 
-            frames = _Framer()
+            frames = Rechunker(FRAME_SIZE)
             try:
                 for block in source.blocks():
-                    mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+                    mono = to_mono(name, block)
                     for frame in frames.push(mono if resampler is None else resampler.resample_chunk(mono)):
                         push(frame)
                 if resampler is not None:
@@ -158,7 +166,7 @@ def encode_live(
                         push(frame)
                 if source.frames_read == 0:
                     raise AudioError(f"{name}: contains no samples")
-                for frame in frames.rest():
+                for frame in frames.rest(FRAME_SIZE):
                     push(frame)
                 tail = encoder.finish()  # whole frames were pushed: normally nothing is left
                 if tail.shape[-1]:
@@ -208,26 +216,6 @@ def _with_metadata(header: Any, **extra: Any) -> Any:
     return dataclasses.replace(header, metadata={**header.metadata, **extra})
 
 
-class _Framer:
-    """Cuts a stream of 24 kHz samples into whole frames as they complete."""
-
-    def __init__(self) -> None:
-        self.pending = np.zeros(0, np.float32)
-
-    def push(self, audio: np.ndarray) -> Iterator[np.ndarray]:
-        if len(audio):
-            self.pending = np.concatenate([self.pending, audio.astype(np.float32, copy=False)])
-        while len(self.pending) >= FRAME_SIZE:
-            frame, self.pending = self.pending[:FRAME_SIZE], self.pending[FRAME_SIZE:]
-            yield frame
-
-    def rest(self) -> Iterator[np.ndarray]:
-        """The last partial frame, completed with silence (nothing if there is none)."""
-        if len(self.pending):
-            yield np.pad(self.pending, (0, FRAME_SIZE - len(self.pending)))
-            self.pending = self.pending[:0]
-
-
 class _Source:
     """An open live input: rate, channels, and float32 [n, C] blocks as soon as whole samples arrive."""
 
@@ -272,10 +260,7 @@ def _open_source(stream: Any, name: str, raw: PcmFormat | None) -> _Source:
         raise AudioError(f"{name}: --live reads 8/16/24/32-bit PCM or float WAV; this encoding is not one")
 
     def decode(data: bytes) -> np.ndarray:
-        block = decode_wav(data, fmt.subtype, fmt.channels)
-        if not np.isfinite(block).all():
-            raise AudioError(f"{name}: contains NaN or infinite samples")
-        return block
+        return decode_wav(data, fmt.subtype, fmt.channels)
 
     return _Source(stream, name, fmt.sample_rate, fmt.channels, fmt.frame_bytes, decode, fmt.data_bytes)
 
