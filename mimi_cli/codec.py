@@ -12,7 +12,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -150,36 +150,18 @@ def decode_file(
     restored), or a rate in Hz. `num_codebooks` decodes only the first K stored codebooks.
     A file encoded with other weights is refused unless `force`.
     """
-    import torch
-
-    from .device import to_device
-    from .model import StreamingDecoder
-
     started = time.perf_counter()
     name = display_name(src, "<stdin>")
     with _input(src) as raw:
         reader = _read_or_explain(lambda: ContainerReader(raw), name)
         header = reader.header
         check_fingerprint(header, model, name, force)
-        codebooks = header.num_codebooks if num_codebooks is None else num_codebooks
-        if not 1 <= codebooks <= header.num_codebooks:
-            raise MimiError(f"{name}: holds {header.num_codebooks} codebooks; cannot decode with {codebooks}")
+        codebooks = _codebooks_to_decode(name, header.num_codebooks, num_codebooks)
         rate = output_rate(sample_rate, header)
-        decoder = StreamingDecoder(model)
         trimmer = _TrimmedOutput(rate)
-        step = max(1, round(CHUNK_SECONDS * FRAME_RATE))
-
-        def decoded() -> Iterator[tuple[torch.Tensor, int]]:
-            done = 0
-            for chunk in _checked_chunks(reader, name):
-                for start in range(0, chunk.shape[1], step):  # container chunks hold up to 20 s
-                    codes = torch.from_numpy(chunk[:codebooks, start : start + step])
-                    done += codes.shape[1]
-                    yield decoder.push(to_device(codes[None], model.device)), done
-
         with AudioWriter(dst, rate, audio_format) as writer:
-            for audio, done in _one_ahead(decoded()):
-                for block in trimmer.push(audio[0, 0].float().cpu().numpy()):
+            for audio, done in _decode_chunks(model, _checked_chunks(reader, name), codebooks):
+                for block in trimmer.push(audio):
                     writer.write(block)
                 if progress:
                     progress(done / header.frame_rate, header.duration)
@@ -299,20 +281,20 @@ def decode_npy(
 ) -> Summary:
     """Decode a .npy codes array (e.g. from `mimi codes` or a language model) to audio at 24 kHz
     (or `sample_rate`; "original" is 24 kHz: an array carries no original rate)."""
-    import torch
-
     started = time.perf_counter()
     name = display_name(src, "<stdin>")
     codes = read_npy_codes(src, model.config.num_quantizers)
-    k = codes.shape[0] if num_codebooks is None else num_codebooks
-    if not 1 <= k <= codes.shape[0]:
-        raise MimiError(f"{name}: holds {codes.shape[0]} codebooks; cannot decode with {k}")
+    k = _codebooks_to_decode(name, codes.shape[0], num_codebooks)
     frames = codes.shape[1]
     header = Header(k, frames, SAMPLE_RATE, 1, frames * FRAME_SIZE, model.fingerprint)
     rate = output_rate(sample_rate, header)
-    audio = model.decode(torch.from_numpy(codes[:k])[None]).float().cpu().numpy()[0, 0]
+    trimmer = _TrimmedOutput(rate)
     with AudioWriter(dst, rate, audio_format) as writer:
-        writer.write(finish_audio(audio, header, rate))
+        for audio, _ in _decode_chunks(model, [codes], k):
+            for block in trimmer.push(audio):
+                writer.write(block)
+        for block in trimmer.finish(output_length(header, rate)):
+            writer.write(block)
     return Summary(
         input=name,
         output=display_name(dst, "<stdout>"),
@@ -326,6 +308,39 @@ def decode_npy(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _codebooks_to_decode(name: str, stored: int, asked: int | None) -> int:
+    """How many codebooks to decode: all `stored`, or the first `asked` of them."""
+    k = stored if asked is None else asked
+    if not 1 <= k <= stored:
+        raise MimiError(f"{name}: holds {stored} codebooks; cannot decode with {k}")
+    return k
+
+
+def _decode_chunks(
+    model: MimiModel, chunks: Iterable[np.ndarray], codebooks: int
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Decode code chunks [K, f] in pieces of CHUNK_SECONDS (flat memory, the device a piece ahead):
+    (float32 audio at 24 kHz, frames decoded so far) for each piece."""
+    import torch
+
+    from .device import to_device
+    from .model import StreamingDecoder
+
+    decoder = StreamingDecoder(model)
+    step = max(1, round(CHUNK_SECONDS * FRAME_RATE))
+
+    def decoded() -> Iterator[tuple[torch.Tensor, int]]:
+        done = 0
+        for chunk in chunks:
+            for start in range(0, chunk.shape[1], step):  # container chunks hold up to 20 s
+                codes = torch.from_numpy(chunk[:codebooks, start : start + step])
+                done += codes.shape[1]
+                yield decoder.push(to_device(codes[None], model.device)), done
+
+    for audio, done in _one_ahead(decoded()):
+        yield audio[0, 0].float().cpu().numpy(), done
 
 
 def _one_ahead(items: Iterator[T]) -> Iterator[T]:
