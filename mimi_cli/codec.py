@@ -156,7 +156,7 @@ def decode_file(
         reader = _read_or_explain(lambda: ContainerReader(raw), name)
         header = reader.header
         check_fingerprint(header, model, name, force)
-        codebooks = _codebooks_to_decode(name, header.num_codebooks, num_codebooks)
+        codebooks = codebooks_to_decode(name, header.num_codebooks, num_codebooks)
         rate = output_rate(sample_rate, header)
         trimmer = _TrimmedOutput(rate)
         with AudioWriter(dst, rate, audio_format) as writer:
@@ -284,7 +284,7 @@ def decode_npy(
     started = time.perf_counter()
     name = display_name(src, "<stdin>")
     codes = read_npy_codes(src, model.config.num_quantizers)
-    k = _codebooks_to_decode(name, codes.shape[0], num_codebooks)
+    k = codebooks_to_decode(name, codes.shape[0], num_codebooks)
     frames = codes.shape[1]
     header = Header(k, frames, SAMPLE_RATE, 1, frames * FRAME_SIZE, model.fingerprint)
     rate = output_rate(sample_rate, header)
@@ -310,7 +310,7 @@ def decode_npy(
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _codebooks_to_decode(name: str, stored: int, asked: int | None) -> int:
+def codebooks_to_decode(name: str, stored: int, asked: int | None) -> int:
     """How many codebooks to decode: all `stored`, or the first `asked` of them."""
     k = stored if asked is None else asked
     if not 1 <= k <= stored:

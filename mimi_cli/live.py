@@ -29,6 +29,7 @@ from .codec import (
     _CountingPipe,
     _read_or_explain,
     check_fingerprint,
+    codebooks_to_decode,
     new_header,
     output_rate,
 )
@@ -321,9 +322,7 @@ def decode_live(
         reader = _read_or_explain(lambda: ContainerReader(stream), name)
         header = reader.header
         check_fingerprint(header, model, name, force)
-        codebooks = header.num_codebooks if num_codebooks is None else num_codebooks
-        if not 1 <= codebooks <= header.num_codebooks:
-            raise MimiError(f"{name}: holds {header.num_codebooks} codebooks; cannot decode with {codebooks}")
+        codebooks = codebooks_to_decode(name, header.num_codebooks, num_codebooks)
         rate = raw.sample_rate if raw is not None else output_rate(sample_rate, header)
         decoder = StreamingDecoder(model)
         resampler = None

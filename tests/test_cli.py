@@ -689,6 +689,27 @@ def test_decode_writes_wav_to_stdout(tiny_weights, clip_mimi, tmp_path):
     assert SUMMARY.fullmatch(_one_line(result.stderr.decode()))["name"] == "<stdout>"
 
 
+def test_a_closed_stdout_pipe_ends_quietly(tiny_weights, clip_mimi):
+    """`mimi decode x.mimi - | head -c 100`: the reader goes away; mimi stops without a message, with
+    the status a shell shows for a program ended by a closed pipe (141), as Unix filters do."""
+    proc = subprocess.Popen(
+        [str(MIMI), "decode", clip_mimi, "-", "-w", tiny_weights, "-r", "192000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )  # fmt: skip  (1.3 s at 192 kHz: 500 KB of WAV, far more than a pipe holds)
+    try:
+        assert len(proc.stdout.read(100)) == 100
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, stderr) == (141, b"")
+
+
 def test_full_pipe_restores_the_original_length(tiny_weights, tmp_path):
     """ffmpeg -f wav - | mimi encode - - | mimi decode - out.wav -r original"""
     frames = 37_001  # 0.84 s at 44.1 kHz, stereo, of a size the stream does not announce

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program killed by a closed pipe
 STDIO = "-"
 
 stderr = Console(stderr=True, highlight=False)
@@ -107,6 +109,9 @@ def errors_to_exit() -> Iterator[None]:
     except (MimiError, ValueError, OSError) as e:
         if os.environ.get("MIMI_DEBUG"):
             traceback.print_exc()
+        if _closed_pipe(e):  # the reader of our stdout went away (`mimi decode x.mimi - | head`): quiet,
+            _discard_stdout()  # as a Unix filter ends, and nothing left to flush at exit
+            raise typer.Exit(EXIT_CLOSED_PIPE) from None
         error_line(one_line(e))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception as e:  # a bug: still one line, unless debugging
@@ -114,6 +119,22 @@ def errors_to_exit() -> Iterator[None]:
             raise
         error_line(f"{type(e).__name__}: {one_line(e)} (MIMI_DEBUG=1 for details)", "internal error:")
         raise typer.Exit(1) from None
+
+
+def _closed_pipe(error: BaseException | None) -> bool:
+    """Whether `error` (or its cause) is a write to a pipe whose reader has gone."""
+    while error is not None:
+        if isinstance(error, BrokenPipeError):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _discard_stdout() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def choose_codebooks(codebooks: int | None, bitrate: float | None, quiet: bool) -> int:

@@ -13,7 +13,8 @@ from .common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app, error_line
 
 
 def run() -> None:
-    """Run the command line: exit 0, 1 (some files of a folder failed), 2 (bad input) or 130 (Ctrl-C)."""
+    """Run the command line: exit 0, 1 (some files of a folder failed), 2 (bad input), 130 (Ctrl-C)
+    or 141 (stdout's reader went away)."""
     try:
         code = app(standalone_mode=False)  # a Ctrl-C inside a command returns 130 (typer's Exit)
     except (KeyboardInterrupt, typer.Abort):
