@@ -181,6 +181,32 @@ def test_a_ctrl_c_during_an_import_is_raised_once_the_import_is_done(handler, ex
     assert run.stdout.strip() == expected, run.stderr
 
 
+def test_interrupts_held_back_are_delivered_as_one(monkeypatch):
+    """Ctrl-C pressed several times while an import runs asks for several deliveries; one is pending at
+    a time, so that a second KeyboardInterrupt does not cut short the clean-up the first one started."""
+    from mimi_cli.cli import interrupts
+
+    started = []
+
+    class CountingTimer:
+        def __init__(self, seconds, function):
+            self.function, self.daemon = function, False
+            started.append(self)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(interrupts.threading, "Timer", CountingTimer)
+    for _ in range(3):
+        interrupts._interrupt_again_soon()
+    assert len(started) == 1
+    monkeypatch.setattr(interrupts._thread, "interrupt_main", lambda: None)
+    started[0].function()  # delivered: the next request schedules again
+    interrupts._interrupt_again_soon()
+    assert len(started) == 2
+    started[1].function()
+
+
 def test_a_ctrl_c_while_safetensors_loads_is_raised_after_it(monkeypatch, tmp_path):
     """safetensors' native code calls torch's Python functions; an interrupt raised inside one came
     out as a bogus 'not a readable safetensors file' error (exit 2). It is held until the load is done."""

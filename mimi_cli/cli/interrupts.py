@@ -17,6 +17,7 @@ Reads and writes of audio files hold the signal on their own (`mimi_cli.safeio`)
 
 from __future__ import annotations
 
+import _thread
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 RETRY_SECONDS = 0.01
+_again_scheduled = threading.Event()  # one delivery pending at most: Ctrl-C pressed twice is one interrupt
 
 
 def install() -> None:
@@ -66,8 +68,14 @@ def _importing(frame: FrameType | None) -> bool:
 
 
 def _interrupt_again_soon() -> None:
-    import _thread
-
-    again = threading.Timer(RETRY_SECONDS, _thread.interrupt_main)
+    if _again_scheduled.is_set():
+        return
+    _again_scheduled.set()
+    again = threading.Timer(RETRY_SECONDS, _interrupt_main_now)
     again.daemon = True
     again.start()
+
+
+def _interrupt_main_now() -> None:
+    _again_scheduled.clear()
+    _thread.interrupt_main()
