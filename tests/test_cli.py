@@ -583,6 +583,29 @@ def test_help_does_not_import_torch(args):
             assert command in result.stdout
 
 
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("encode", "--weights -w <str> Hub repo id, folder or .safetensors file [default: $MIMI_WEIGHTS"),
+        ("encode", "files per forward pass [default: 8 on CUDA, 1 on CPU]"),
+        ("encode", "channels (interleaved) [default: 1]"),
+        ("decode", "wav, flac or ogg [default: from the suffix; wav on stdout]"),
+    ],
+)
+def test_help_shows_the_defaults_written_in_the_text(command, shown):
+    """Defaults written in an option's help survive rich's markup (an unescaped [default: …] is taken
+    for a style tag and vanishes)."""
+    result = subprocess.run(
+        [str(MIMI), command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_env(), "COLUMNS": "300"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert shown in " ".join(result.stdout.replace("│", " ").split())
+
+
 LIGHT_RUN = """
 import json, sys
 from mimi_cli.cli import main

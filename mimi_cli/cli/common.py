@@ -65,7 +65,7 @@ WeightsOpt = Annotated[
     typer.Option(
         "--weights",
         "-w",
-        help="Hub repo id, folder or .safetensors file [default: $MIMI_WEIGHTS or kyutai/mimi].",
+        help="Hub repo id, folder or .safetensors file \\[default: $MIMI_WEIGHTS or kyutai/mimi].",
         show_default=False,
     ),
 ]
@@ -85,7 +85,7 @@ BatchSizeOpt = Annotated[
     int | None,
     typer.Option(
         "--batch-size",
-        help="Folders: files per forward pass [default: 8 on CUDA, 1 on CPU].",
+        help="Folders: files per forward pass \\[default: 8 on CUDA, 1 on CPU].",
         show_default=False,
     ),
 ]

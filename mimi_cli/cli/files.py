@@ -114,7 +114,7 @@ def decode(
     ] = None,
     audio_format: Annotated[
         str | None,
-        typer.Option("--format", help="wav, flac or ogg [default: from the suffix; wav on stdout]"),
+        typer.Option("--format", help="wav, flac or ogg \\[default: from the suffix; wav on stdout]"),
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -189,7 +189,7 @@ RawRateOpt = Annotated[
 ]
 ChannelsOpt = Annotated[
     int | None,
-    typer.Option("--channels", help="--raw: channels (interleaved) [default: 1].", show_default=False),
+    typer.Option("--channels", help="--raw: channels (interleaved) \\[default: 1].", show_default=False),
 ]
 SampleFormatOpt = Annotated[str, typer.Option("--sample-format", help="--raw: s16le or f32le.")]
 ChunkFramesOpt = Annotated[
