@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
@@ -58,9 +59,10 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def _interrupted_run(command: list[str], folder: Path, delay: float) -> str | None:
-    """Run `command`, send SIGINT after `delay` seconds; a description of what went wrong, or None."""
-    before = _snapshot(folder)
+def _interrupted_run(command: list[str], folder: Path, delay: float, unchanged: bool = True) -> str | None:
+    """Run `command`, send SIGINT after `delay` seconds; a description of what went wrong, or None.
+    `unchanged`: the files of `folder` must be as they were (else only its leftovers are checked)."""
+    before = _snapshot(folder) if unchanged else None
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     try:
         time.sleep(delay)
@@ -76,8 +78,11 @@ def _interrupted_run(command: list[str], folder: Path, delay: float) -> str | No
     lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
     if proc.returncode != 130 or lines != ["interrupted"] or stdout:
         return f"after {delay:.2f} s: exit {proc.returncode}, output:\n{text}"
-    if _snapshot(folder) != before:
+    if before is not None and _snapshot(folder) != before:
         return f"after {delay:.2f} s: the folder changed: {sorted(_snapshot(folder))} vs {sorted(before)}"
+    leftovers = [p.name for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
+    if leftovers:
+        return f"after {delay:.2f} s: temporary files left: {leftovers}"
     return None
 
 
@@ -106,6 +111,50 @@ def test_ctrl_c_at_random_moments_ends_every_run_cleanly(kind, long_flac, tiny_w
 
     with ThreadPoolExecutor(PARALLEL) as pool:
         problems = [p for p in pool.map(one, range(RUNS)) if p is not None]
+    assert problems == [], "\n\n".join(problems)
+
+
+@pytest.mark.parametrize("kind", ["tokenize", "compare"])
+def test_ctrl_c_ends_tokenize_and_compare_cleanly(kind, tiny_weights, tmp_path):
+    """The same for `mimi tokenize` (complete shards may stay: a rerun resumes from them; none cut
+    short, no temporary file) and `mimi compare` (no report at all)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    t = np.arange(24_000 * 4) / 24_000
+    for i in range(6):
+        sf.write(corpus / f"f{i}.wav", 0.3 * np.sin(2 * np.pi * (200 + 30 * i) * t), 24_000)
+
+    def command(folder: Path) -> list[str]:
+        if kind == "tokenize":
+            return [
+                str(MIMI),
+                "tokenize",
+                str(corpus),
+                str(folder / "dataset"),
+                "-w",
+                str(tiny_weights),
+                "-q",
+            ]
+        return [str(MIMI), "compare", str(corpus / "f1.wav"), "--codebooks", "2,4,8", "-w", str(tiny_weights),
+                "--report", str(folder / "report.html"), "--json"]  # fmt: skip
+
+    (tmp_path / "reference").mkdir()
+    seconds = _uninterrupted_seconds(command(tmp_path / "reference"))
+    delays = np.random.default_rng(17).uniform(0.25, 0.6 * seconds, 6)
+
+    def one(index: int) -> str | None:
+        folder = tmp_path / f"run{index:02}"
+        folder.mkdir()
+        problem = _interrupted_run(command(folder), folder, float(delays[index]), unchanged=kind == "compare")
+        for shard in (folder / "dataset").glob("part-*.parquet"):
+            try:
+                pq.read_table(shard)
+            except Exception as e:  # noqa: BLE001  (any failure to read is the finding)
+                problem = f"after {delays[index]:.2f} s: {shard.name} is not a complete shard ({e})"
+        return problem
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        problems = [p for p in pool.map(one, range(len(delays))) if p is not None]
     assert problems == [], "\n\n".join(problems)
 
 
