@@ -322,7 +322,7 @@ def test_cli_sets_tf32_from_dtype(full_weights, setting, expected):
     from mimi_cli.cli.common import load_weights
 
     with tf32(not expected):
-        model = load_weights(str(full_weights), "cuda", setting)
+        model = load_weights(str(full_weights), "cuda", setting, quiet=True)
         assert model.dtype == torch.float32
         assert torch.backends.cuda.matmul.allow_tf32 is expected
         assert torch.backends.cudnn.allow_tf32 is expected

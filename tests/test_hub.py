@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 from signals import speech_like
@@ -302,6 +303,25 @@ def test_download_progress_on_a_terminal_and_not_with_quiet(tmp_path, clip, hub)
     assert code == 0, shown
     assert ("GET", f"/{REPO}/resolve/main/model.safetensors") in hub.requests  # it did download
     assert shown.strip() == ""
+
+
+@pytest.mark.parametrize("command", ["decode-npy", "encode-live", "compare"])
+def test_quiet_hides_the_download_bar_in_every_command(tmp_path, clip, hub, command):
+    """--quiet keeps the terminal silent during a first download in the other commands that load
+    the weights too (the bar is drawn by one shared loader; each command passes its --quiet)."""
+    codes = tmp_path / "codes.npy"
+    np.save(codes, np.arange(8 * 5, dtype=np.int16).reshape(8, 5))
+    args = {
+        "decode-npy": ["decode", codes, tmp_path / "out.wav"],
+        "encode-live": ["encode", clip, tmp_path / "out.mimi", "--live"],
+        "compare": ["compare", clip, "--codebooks", "2,4"],
+    }[command]
+    code, shown = _on_terminal(
+        [str(MIMI), *map(str, args), "-w", REPO, "--quiet"], _env(tmp_path / "hub", hub.endpoint)
+    )
+    assert code == 0, shown
+    assert ("GET", f"/{REPO}/resolve/main/model.safetensors") in hub.requests  # it did download
+    assert "downloading" not in shown
 
 
 LIBRARY_SCRIPT = """

@@ -171,7 +171,7 @@ def check_paths(src: str, dst: str, force: bool) -> None:
     check_output_path(dst, force)
 
 
-def load_weights(weights: str | None, device: str, dtype: str, quiet: bool = False) -> MimiModel:
+def load_weights(weights: str | None, device: str, dtype: str, quiet: bool) -> MimiModel:
     """The model; a first download from the hub shows a bar on a terminal unless `quiet`."""
     from ..allocator import keep_freed_memory
     from ..device import resolve_device, resolve_dtype, set_tf32

@@ -100,7 +100,7 @@ def compare(
 
             ks = _codebooks(codebooks)
             check_input(input)  # a bad input fails before the weights are loaded
-            model = load_weights(weights, device, dtype)
+            model = load_weights(weights, device, dtype, quiet)
             with _steps(not quiet and not as_json, "decoding", len(ks)) as progress:
                 comparison = compare_file(model, input, ks, progress)
             _single(comparison, report_path, as_json, quiet)
@@ -170,7 +170,7 @@ def _folder(
 
     pages = files_folder(report) if report else None
     files = discover(in_dir, glob, exclude=pages)
-    model = load_weights(*model_options)
+    model = load_weights(*model_options, quiet)
     if pages:
         pages.mkdir(exist_ok=True)
     done: list[dict[str, Any]] = []

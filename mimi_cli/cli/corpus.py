@@ -185,7 +185,7 @@ def detokenize(
             raise ValueError(f"--sample-rate: {e}") from None
         suffix = decoded_suffix(audio_format)
         description = check_dataset(Path(dataset))
-        model = load_weights(weights, device, dtype)
+        model = load_weights(weights, device, dtype, quiet)
         report = detokenize_dataset(model, Path(dataset), description, Path(audio_dir), rate, suffix, force)
         failures = [(f.id, f.error) for f in report.failures]
         if as_json:

@@ -162,7 +162,7 @@ def decode(
         if is_npy(input):  # a codes array: [K, frames] or [1, K, frames]
             if input != STDIO:
                 read_npy_codes(input)  # bad shapes or codes fail before the weights are loaded
-            model = load_weights(weights, device, dtype)
+            model = load_weights(weights, device, dtype, quiet)
             summary = decode_npy(model, input, output, rate, codebooks, audio_format)
             report(summary, quiet, as_json, data_on_stdout=output == STDIO)
             return
@@ -246,7 +246,7 @@ def _live(
         from ..codec import read_info
 
         read_info(input)  # a bad .mimi file fails before the weights are loaded
-    model = load_weights(weights, device, dtype)
+    model = load_weights(weights, device, dtype, quiet)
     if model.device.type == "cpu":
         torch.set_num_threads(1)
     live.warm_up(model, codebooks or model.config.num_quantizers)
