@@ -368,24 +368,33 @@ def _rechunk(blocks: Iterator[np.ndarray], size: int, pad_to: int) -> Iterator[n
 
 
 class Rechunker:
-    """Cuts a stream of samples pushed in blocks of any size into blocks of `size` as they complete."""
+    """Cuts a stream of samples pushed in blocks of any size into blocks of `size` as they complete.
+
+    Pushed blocks are kept as they are and joined once a whole block is there: each sample is copied
+    once, however small the pushed blocks are.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.pending = np.zeros(0, np.float32)
+        self._pending: list[np.ndarray] = []
+        self._count = 0
 
     def push(self, audio: np.ndarray) -> Iterator[np.ndarray]:
         if len(audio):
-            self.pending = np.concatenate([self.pending, audio.astype(np.float32, copy=False)])
-        while len(self.pending) >= self.size:
-            block, self.pending = self.pending[: self.size], self.pending[self.size :]
-            yield block
+            self._pending.append(audio.astype(np.float32, copy=False))
+            self._count += len(audio)
+        while self._count >= self.size:
+            joined = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+            rest = joined[self.size :]
+            self._pending, self._count = ([rest] if len(rest) else []), len(rest)
+            yield joined[: self.size]
 
     def rest(self, pad_to: int) -> Iterator[np.ndarray]:
         """What is left (shorter than `size`), zero-padded to a multiple of `pad_to`; nothing if empty."""
-        if len(self.pending):
-            yield np.pad(self.pending, (0, -len(self.pending) % pad_to))
-            self.pending = self.pending[:0]
+        if self._count:
+            last = np.concatenate(self._pending)
+            self._pending, self._count = [], 0
+            yield np.pad(last, (0, -len(last) % pad_to))
 
 
 class _TrimmedOutput:

@@ -322,3 +322,22 @@ def test_progress_reports_audio_time_done_and_total(tiny, tmp_path):
     )
     assert len(decoded) >= 3 and decoded[-1][0] == pytest.approx(25.04, abs=0.1)
     assert all(t == pytest.approx(25.0) for _, t in decoded)
+
+
+@pytest.mark.parametrize("sizes", [[1] * 50, [7, 3, 40, 1, 9], [100], [0, 25, 0, 25]])
+def test_rechunker_cuts_any_pushes_into_whole_blocks(sizes):
+    """Blocks of exactly `size` as soon as they complete, in order; the rest zero-padded to `pad_to`."""
+    from mimi_cli.codec import Rechunker
+
+    signal = np.arange(sum(sizes), dtype=np.float32)
+    rechunker, out, start = Rechunker(20), [], 0
+    for n in sizes:
+        out += list(rechunker.push(signal[start : start + n]))
+        start += n
+        assert sum(len(b) for b in out) == start // 20 * 20  # every complete block, no more
+    assert all(len(b) == 20 for b in out)
+    tail = list(rechunker.rest(pad_to=8))
+    assert list(rechunker.rest(pad_to=8)) == []
+    joined = np.concatenate(out + tail) if out or tail else np.zeros(0, np.float32)
+    assert len(joined) == len(signal) + (-(len(signal) % 20) % 8)
+    assert np.array_equal(joined[: len(signal)], signal) and not joined[len(signal) :].any()
