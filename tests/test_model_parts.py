@@ -6,8 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mimi_cli.config import MimiConfig
+from mimi_cli.model import conv as conv_module
 from mimi_cli.model.conv import CausalConv1d, CausalConvTranspose1d
-from mimi_cli.model.transformer import sliding_window_attention
+from mimi_cli.model.linear import Linear
+from mimi_cli.model.stream import Stream
+from mimi_cli.model.transformer import Transformer, sliding_window_attention
 
 
 def _naive_attention(q, k, v, window: int, num_past: int) -> torch.Tensor:
@@ -61,6 +65,67 @@ def test_causal_conv_equals_padded_torch_conv(stride, kernel, dilation, mode, le
         out = layer(x.transpose(1, 2)).transpose(1, 2)  # time-major in and out
     assert out.shape[-1] == -(-length // stride)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 24), (2, 1, 24), (2, 24), (1, 1, 24), (1, 3, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_frame_linear_equals_nn_linear(shape, bias):
+    layer = Linear(24, 40, bias=bias)
+    assert set(layer.state_dict()) == set(torch.nn.Linear(24, 40, bias=bias).state_dict())
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape == (*shape[:-1], 40) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def _conv2d_forbidden(*args, **kwargs):
+    raise AssertionError("a two-output call must be computed as one matrix product, not by F.conv2d")
+
+
+@pytest.mark.parametrize("kernel, stride, length", [(8, 4, 8), (3, 1, 2), (16, 8, 9), (1, 1, 2)])
+def test_two_output_conv_as_a_product_equals_torch_conv(monkeypatch, kernel, stride, length):
+    layer = CausalConv1d(6, 5, kernel, stride)
+    x = torch.randn(1, 6, length)
+    expected = layer.conv(F.pad(x, ((kernel - 1) + 1 - stride, -length % stride)))
+    assert expected.shape[-1] == 2
+    monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
+    with torch.inference_mode():
+        out = layer(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_step_transposed_conv_as_a_product_equals_torch(monkeypatch):
+    layer = CausalConvTranspose1d(6, 4, 8, 4)
+    x = torch.randn(1, 6, 2)
+    expected = layer.conv(x)[..., :8]
+    monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
+    with torch.inference_mode():
+        out = layer(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_streamed_in_uneven_calls_equals_one_pass():
+    config = MimiConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, sliding_window=6
+    )
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    x = torch.randn(1, 80, 32)
+    sizes = [1, 2, 2, 7, 1, 13, 2, 2, 2, 2, 2, 2, 30, 2, 2, 2, 2, 2, 2]
+    assert sum(sizes) == x.shape[1]
+    stream, outputs, buffers = Stream(), [], set()
+    attention = model.layers[0].self_attn
+    with torch.inference_mode():
+        expected = model(x)
+        start = 0
+        for size in sizes:
+            outputs.append(model(x[:, start : start + size], stream))
+            start += size
+            if start > 70:  # steady two-step calls write into the same buffer: no copy of the window
+                buffers.add(stream.state(attention, lambda: None).keys.data_ptr())
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=1e-5, atol=1e-5)
+    assert len(buffers) == 1
 
 
 def test_half_precision_plumbing_keeps_the_quantizer_in_float32(tiny_weights):

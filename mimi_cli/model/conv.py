@@ -71,10 +71,39 @@ def _conv_time_major(
     groups: int = 1,
 ) -> torch.Tensor:
     """[B, T, C_in] → [B, T', C_out] with a channels-last [C_out, C_in, 1, k] kernel (a 2-d conv, H = 1)."""
+    if x.device.type == "cpu" and groups == 1 and dilation == 1:
+        out_channels, _, _, taps = kernel.shape
+        count = (x.shape[1] - taps) // stride + 1
+        if x.shape[0] * count == _ONE_FRAME_OUTPUTS:
+            return _conv_as_product(x, kernel, bias, stride, count)
     y = F.conv2d(
         x.transpose(1, 2).unsqueeze(2), kernel, bias, (1, stride), dilation=(1, dilation), groups=groups
     )
     return y.squeeze(2).transpose(1, 2)
+
+
+_ONE_FRAME_OUTPUTS = 2  # the big convolutions at 25 Hz make two outputs per streamed 80 ms frame
+
+
+def _conv_as_product(
+    x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, stride: int, count: int
+) -> torch.Tensor:
+    """The convolution of a one-frame call as one matrix product `W @ colsᵀ`, W read at memory speed.
+
+    Time-major, the input an output sees is `taps` consecutive steps, one contiguous row of
+    `taps · C_in` values ordered (tap, channel), the order of the channels-last kernel's rows: the
+    kernel is W as it lies. See `linear.Linear` for why W is the left operand.
+    """
+    batch, _, in_channels = x.shape
+    out_channels, _, _, taps = kernel.shape
+    x = x.contiguous()
+    cols = x.as_strided((batch, count, taps * in_channels), (x.stride(0), stride * in_channels, 1))
+    cols = cols.reshape(batch * count, -1).contiguous()  # its transpose must be a transposed view
+    weight = kernel.permute(0, 2, 3, 1).reshape(out_channels, -1)  # a view of the channels-last kernel
+    y = torch.mm(weight, cols.mT).mT
+    if bias is not None:
+        y = y + bias
+    return y.contiguous().view(batch, count, out_channels)
 
 
 class CausalConv1d(nn.Module):

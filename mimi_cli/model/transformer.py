@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
+from .linear import Linear
 from .stream import Stream, layer_state
 
 
@@ -55,20 +57,36 @@ def sliding_window_attention(
     if lead > 0 or tail:  # (a streamed step past the first window needs no padding: no copy then)
         k, v = F.pad(k, (0, 0, max(lead, 0), tail)), F.pad(v, (0, 0, max(lead, 0), tail))
     k, v = k[:, :, max(-lead, 0) :], v[:, :, max(-lead, 0) :]
+    # keys before the first real step (padding for the first blocks) are masked out
+    first_real = window - 1 - min(num_past, window - 1)
+    if num_blocks == 1:  # a short call (a streamed frame): 4-d tensors take torch's fused CPU kernel
+        mask = _one_block_mask(block, window, first_real, q.device)[:steps]  # (a given block may be longer)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     k_blocks = k.unfold(2, span, block).transpose(-1, -2)  # [B, H, N, span, D]
     v_blocks = v.unfold(2, span, block).transpose(-1, -2)
     q_blocks = F.pad(q, (0, 0, 0, tail)).reshape(batch, heads, num_blocks, block, dim)
-
-    local_q = torch.arange(block, device=q.device)[:, None]
-    local_k = torch.arange(span, device=q.device)[None, :]
-    in_window = (local_k >= local_q) & (local_k < local_q + window)  # [block, span]
-    # keys before the first real step (padding for the first blocks) are masked out
-    first_real = window - 1 - min(num_past, window - 1)
-    key_index = torch.arange(num_blocks, device=q.device)[:, None] * block + local_k  # [N, span]
-    mask = in_window[None] & (key_index >= first_real)[:, None, :]  # [N, block, span]
-
+    mask = _window_mask(block, window, first_real, num_blocks, q.device)
     out = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask)
     return out.reshape(batch, heads, num_blocks * block, dim)[:, :, :steps]
+
+
+def _window_mask(
+    block: int, window: int, first_real: int, num_blocks: int, device: torch.device
+) -> torch.Tensor:
+    """[N, block, window - 1 + block]: the keys each query of each block sees (True: attended)."""
+    span = window - 1 + block
+    local_q = torch.arange(block, device=device)[:, None]
+    local_k = torch.arange(span, device=device)[None, :]
+    in_window = (local_k >= local_q) & (local_k < local_q + window)  # [block, span]
+    key_index = torch.arange(num_blocks, device=device)[:, None] * block + local_k  # [N, span]
+    return in_window[None] & (key_index >= first_real)[:, None, :]
+
+
+@functools.lru_cache(maxsize=16)
+def _one_block_mask(block: int, window: int, first_real: int, device: torch.device) -> torch.Tensor:
+    """The mask of a one-block call, kept: a streamed frame needs the same one on every call."""
+    return _window_mask(block, window, first_real, 1, device)[0]
 
 
 class Attention(nn.Module):
@@ -78,10 +96,10 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.window = config.sliding_window
-        self.q_proj = nn.Linear(width, width, bias=False)
-        self.k_proj = nn.Linear(width, width, bias=False)
-        self.v_proj = nn.Linear(width, width, bias=False)
-        self.o_proj = nn.Linear(width, width, bias=False)
+        self.q_proj = Linear(width, width, bias=False)
+        self.k_proj = Linear(width, width, bias=False)
+        self.v_proj = Linear(width, width, bias=False)
+        self.o_proj = Linear(width, width, bias=False)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream | None = None
@@ -91,7 +109,6 @@ class Attention(nn.Module):
         Streamed, the keys and values of the last `window - 1` steps are carried to the next call.
         """
         batch, steps, _ = x.shape
-        state, _ = layer_state(stream, self, _KeyValueWindow)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
@@ -100,22 +117,46 @@ class Attention(nn.Module):
         k = apply_rope(heads(self.k_proj(x)), cos, sin)
         v = heads(self.v_proj(x))
         num_past = 0
-        if state.keys is not None:
-            num_past = state.keys.shape[2]
-            k, v = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
-        out = sliding_window_attention(q, k, v, self.window, num_past)
         if stream is not None:
-            keys, values = k[:, :, 1 - self.window :], v[:, :, 1 - self.window :]
-            if k.shape[2] > 2 * self.window:  # copies free a long call's keys; a short call's cost a copy
-                keys, values = keys.clone(), values.clone()
-            state.keys, state.values = keys, values
+            state, _ = layer_state(stream, self, _KeyValueWindow)
+            k, v, num_past = state.append(k, v, keep=self.window - 1)
+        out = sliding_window_attention(q, k, v, self.window, num_past)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
 
 @dataclass
 class _KeyValueWindow:
-    keys: torch.Tensor | None = None  # [B, H, ≤ window - 1, D], RoPE applied
+    """The keys (RoPE applied) and values a streamed call passes to the next, in buffers written in place.
+
+    A call's steps are written after the kept ones, so that a one-frame call copies only its own two
+    steps (re-concatenating the window's 249 steps on every call cost more than the attention itself).
+    When a buffer is full, the kept steps move to its front: one copy per `capacity - 2·keep` steps.
+    """
+
+    keys: torch.Tensor | None = None  # [B, H, capacity, D]
     values: torch.Tensor | None = None
+    end: int = 0  # steps written so far in the buffers
+    kept: int = 0  # steps before `end` that the next call sees (at most `keep`)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """k, v: [B, H, T, D] → (kept + new keys, kept + new values, number kept); keeps the last `keep`."""
+        steps, past = k.shape[2], self.kept
+        if self.keys is None or self.values is None or self.end + steps > self.keys.shape[2]:
+            capacity = 2 * keep + steps  # room for `keep` steps to move to the front without overlap
+            if self.keys is not None and self.values is not None and capacity <= self.keys.shape[2]:
+                keys, values = self.keys, self.values
+            else:
+                keys = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+                values = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if past and self.keys is not None and self.values is not None:
+                keys[:, :, :past] = self.keys[:, :, self.end - past : self.end]
+                values[:, :, :past] = self.values[:, :, self.end - past : self.end]
+            self.keys, self.values, self.end = keys, values, past
+        start, self.end = self.end - past, self.end + steps
+        self.keys[:, :, start + past : self.end] = k
+        self.values[:, :, start + past : self.end] = v
+        self.kept = min(keep, past + steps)
+        return self.keys[:, :, start : self.end], self.values[:, :, start : self.end], past
 
 
 class LayerScale(nn.Module):
@@ -130,8 +171,8 @@ class LayerScale(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, config: MimiConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
