@@ -42,27 +42,27 @@ def sliding_window_attention(
     q: [B, H, T, D] for steps 0..T-1 of this call; k, v: [B, H, num_past + T, D], whose first
     `num_past` steps precede the queries. Queries are taken in blocks of `block` steps; a block
     attends to the `window - 1 + block` keys ending with its own last step, so memory and time
-    grow linearly with T (no T × T score matrix)::
+    grow linearly with T (no T × T score matrix). A call of one block (a streamed frame) attends
+    to the keys as given, unpadded::
 
         keys   |<-- window - 1 -->|<-- block -->|
         query                     |  a          |   query a sees keys a .. a + window - 1
     """
     batch, heads, steps, dim = q.shape
     block = block or min(window, max(steps, 1))  # a short call needs no window-long query blocks
+    if steps <= block:  # one block (a streamed frame): 4-d tensors take torch's fused CPU kernel
+        mask = _recent_keys_mask(steps, num_past, window, q.device)  # (and the keys need no padding)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     span = window - 1 + block
-    num_blocks = max(1, math.ceil(steps / block))
+    num_blocks = math.ceil(steps / block)
     tail = num_blocks * block - steps
     # left-pad keys so that exactly `window - 1` steps precede the first query, right-pad to whole blocks
     lead = window - 1 - num_past
-    if lead > 0 or tail:  # (a streamed step past the first window needs no padding: no copy then)
+    if lead > 0 or tail:
         k, v = F.pad(k, (0, 0, max(lead, 0), tail)), F.pad(v, (0, 0, max(lead, 0), tail))
     k, v = k[:, :, max(-lead, 0) :], v[:, :, max(-lead, 0) :]
     # keys before the first real step (padding for the first blocks) are masked out
     first_real = window - 1 - min(num_past, window - 1)
-    if num_blocks == 1:  # a short call (a streamed frame): 4-d tensors take torch's fused CPU kernel
-        mask = _one_block_mask(block, window, first_real, q.device)[:steps]  # (a given block may be longer)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
     k_blocks = k.unfold(2, span, block).transpose(-1, -2)  # [B, H, N, span, D]
     v_blocks = v.unfold(2, span, block).transpose(-1, -2)
     q_blocks = F.pad(q, (0, 0, 0, tail)).reshape(batch, heads, num_blocks, block, dim)
@@ -84,9 +84,14 @@ def _window_mask(
 
 
 @functools.lru_cache(maxsize=16)
-def _one_block_mask(block: int, window: int, first_real: int, device: torch.device) -> torch.Tensor:
-    """The mask of a one-block call, kept: a streamed frame needs the same one on every call."""
-    return _window_mask(block, window, first_real, 1, device)[0]
+def _recent_keys_mask(steps: int, num_past: int, window: int, device: torch.device) -> torch.Tensor:
+    """[steps, num_past + steps]: query i sees keys i + num_past - window + 1 .. i + num_past.
+
+    Kept: a streamed frame needs the same one on every call once the window is full.
+    """
+    query = torch.arange(steps, device=device)[:, None] + num_past
+    key = torch.arange(num_past + steps, device=device)[None, :]
+    return (key <= query) & (key > query - window)
 
 
 class Attention(nn.Module):
