@@ -8,6 +8,7 @@ from codes import flipped_decisions
 from signals import noise, speech_like
 
 from mimi_cli import load_model
+from mimi_cli.config import FRAME_SIZE
 from mimi_cli.model import StreamingDecoder, StreamingEncoder
 
 MAX_CODE_MISMATCH = 0.001  # float-rounding ties, as in the parity tests
@@ -88,12 +89,14 @@ def test_encode_default_chunking_equals_one_pass(tiny):
     assert (decoded - tiny.decode(codes, chunk_frames=None)).abs().max().item() <= MAX_AUDIO_DIFF
 
 
-def test_full_model_stream_past_attention_window(full_weights):
-    """Released config: 25 s is past the 10 s attention window; chunks not aligned to frames."""
+@pytest.mark.parametrize("samples, frames", [(7777, 29), (FRAME_SIZE, 1)])
+def test_full_model_stream_past_attention_window(full_weights, samples, frames):
+    """Released config: 25 s is past the 10 s attention window; chunks not aligned to frames, or one
+    frame per call, as live mode runs (the one-frame path computes its products in another order)."""
     model = load_model(full_weights)
     audio = torch.from_numpy(speech_like(25.0, seed=3))[None, None]
     whole = model.encode(audio, 32, chunk_frames=None)
-    _assert_codes_match(_stream_encode(model, audio, 7777, 32), whole)
+    _assert_codes_match(_stream_encode(model, audio, samples, 32), whole)
     whole_audio = model.decode(whole, chunk_frames=None)
-    streamed_audio = _stream_decode(model, whole, 29)
+    streamed_audio = _stream_decode(model, whole, frames)
     assert (streamed_audio - whole_audio).abs().max().item() <= MAX_AUDIO_DIFF
