@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -35,12 +34,11 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
+from machine import describe, load_average  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
 from weights_factory import random_state, write_hub_layout  # noqa: E402
 
@@ -52,13 +50,6 @@ SEED = 1234
 RATES = (16_000, 22_050, 44_100)
 BUSY = 0.1  # other processes above this share of the CPUs during a run: the figures are not to be trusted
 MIMI = Path(sys.executable).with_name("mimi")  # the console script of this environment
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def make_files(folder: Path, count: int, seed: int) -> float:
@@ -202,14 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--files and --repeats must be at least 1")
 
     env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "cores": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
+        **describe(),
         "files": args.files,
         "repeats": args.repeats,
         "codebooks": DEFAULT_CODEBOOKS,
-        "load_before": load_average(),
     }
     settings = {"--jobs 1": ["--jobs", "1"], f"default (--jobs {DEFAULT_JOBS})": []}
     with tempfile.TemporaryDirectory(prefix="mimi-bench-batch-") as tmp:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,11 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import torch  # noqa: E402
-from batch import BUSY, SEED, load_average, make_files, run_measured  # noqa: E402
+from batch import BUSY, SEED, make_files, run_measured  # noqa: E402
 from corpora import env as ray_env  # noqa: E402
 from corpora import parts, ray_head_on_localhost  # noqa: E402
-from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
+from machine import describe, load_average  # noqa: E402  (benchmarks/, the script's folder)
 from weights_factory import random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli.config import MimiConfig  # noqa: E402
@@ -71,14 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.files < 1 or args.shard_size < 1:
         parser.error("--files and --shard-size must be at least 1")
 
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "cores": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "files": args.files,
-        "load_before": load_average(),
-    }
+    info: dict[str, Any] = {**describe(), "files": args.files}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="mimi-bench-tokenize-") as tmp:
         work = Path(tmp)
