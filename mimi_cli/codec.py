@@ -278,12 +278,19 @@ def decode_npy(
     sample_rate: int | str | None = None,
     num_codebooks: int | None = None,
     audio_format: str | None = None,
+    codes: np.ndarray | None = None,
 ) -> Summary:
     """Decode a .npy codes array (e.g. from `mimi codes` or a language model) to audio at 24 kHz
-    (or `sample_rate`; "original" is 24 kHz: an array carries no original rate)."""
+    (or `sample_rate`; "original" is 24 kHz: an array carries no original rate). `codes`: the
+    array `read_npy_codes(src)` returned, when the caller has read it already."""
     started = time.perf_counter()
     name = display_name(src, "<stdin>")
-    codes = read_npy_codes(src, model.config.num_quantizers)
+    if codes is None:
+        codes = read_npy_codes(src, model.config.num_quantizers)
+    elif codes.shape[0] > model.config.num_quantizers:
+        raise FormatError(
+            f"{name}: holds {codes.shape[0]} codebooks; the model has {model.config.num_quantizers}"
+        )
     k = codebooks_to_decode(name, codes.shape[0], num_codebooks)
     frames = codes.shape[1]
     header = Header(k, frames, SAMPLE_RATE, 1, frames * FRAME_SIZE, model.fingerprint)

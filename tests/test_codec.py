@@ -19,9 +19,17 @@ from signals import noise, speech_like
 from mimi_cli import load_model
 from mimi_cli import model as model_module
 from mimi_cli.audio import read_audio, resampled_length
-from mimi_cli.codec import Summary, decode_file, encode_file, export_codes, read_info
+from mimi_cli.codec import (
+    Summary,
+    decode_file,
+    decode_npy,
+    encode_file,
+    export_codes,
+    read_info,
+    read_npy_codes,
+)
 from mimi_cli.container import UNKNOWN_FRAMES, ContainerWriter, read_codes
-from mimi_cli.errors import AudioError, MimiError, WeightsError
+from mimi_cli.errors import AudioError, FormatError, MimiError, WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAC_44K_STEREO = ROOT / "examples" / "speech_fr_44k_stereo.flac"  # 3.5 s: past the tiny 0.4 s window
@@ -341,3 +349,18 @@ def test_rechunker_cuts_any_pushes_into_whole_blocks(sizes):
     joined = np.concatenate(out + tail) if out or tail else np.zeros(0, np.float32)
     assert len(joined) == len(signal) + (-(len(signal) % 20) % 8)
     assert np.array_equal(joined[: len(signal)], signal) and not joined[len(signal) :].any()
+
+
+def test_decode_npy_decodes_codes_read_beforehand_and_checks_their_count(tiny, whole_codes, tmp_path):
+    array = tmp_path / "codes.npy"
+    np.save(array, whole_codes[0].numpy().astype(np.int16))
+    codes = read_npy_codes(array)
+    read_once, read_again = tmp_path / "once.wav", tmp_path / "again.wav"
+    decode_npy(tiny, array, read_once, codes=codes)
+    decode_npy(tiny, array, read_again)
+    assert sf.read(read_once)[0].shape[0] == whole_codes.shape[-1] * 1920
+    assert np.array_equal(sf.read(read_once)[0], sf.read(read_again)[0])
+    too_many = np.zeros((tiny.config.num_quantizers + 1, 3), dtype=np.int64)
+    with pytest.raises(FormatError, match="codes.npy: holds 33 codebooks"):
+        decode_npy(tiny, array, tmp_path / "never.wav", codes=too_many)
+    assert not (tmp_path / "never.wav").exists()

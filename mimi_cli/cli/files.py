@@ -160,10 +160,9 @@ def decode(
 
         output_format(output, audio_format)  # an unsupported format fails before any work
         if is_npy(input):  # a codes array: [K, frames] or [1, K, frames]
-            if input != STDIO:
-                read_npy_codes(input)  # bad shapes or codes fail before the weights are loaded
+            codes = read_npy_codes(input)  # bad shapes or codes fail before the weights are loaded
             model = load_weights(weights, device, dtype, quiet)
-            summary = decode_npy(model, input, output, rate, codebooks, audio_format)
+            summary = decode_npy(model, input, output, rate, codebooks, audio_format, codes)
             report(summary, quiet, as_json, data_on_stdout=output == STDIO)
             return
         if input != STDIO:
