@@ -459,6 +459,16 @@ def test_detokenize_of_a_folder_that_is_no_dataset(tiny_weights, tmp_path) -> No
     assert code == 2 and "dataset.json" in output and len(output.strip().splitlines()) == 1
 
 
+def test_detokenize_sample_rate_as_decode_takes_it(dataset, tiny_weights, tmp_path) -> None:
+    out = dataset[0]
+    code, output = invoke("detokenize", out, tmp_path / "bad", "-w", tiny_weights, "--sample-rate", "abc")
+    assert code == 2 and "--sample-rate" in output and len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    assert invoke("detokenize", out, tmp_path / "audio", "-w", tiny_weights, "--rate", "16000", "-q")[0] == 0
+    written = sorted((tmp_path / "audio").rglob("*.wav"))
+    assert written and all(sf.info(path).samplerate == 16_000 for path in written)
+
+
 # ---------------------------------------------------------------------------------------------- .npy codes
 
 

@@ -69,6 +69,10 @@ WeightsOpt = Annotated[
         show_default=False,
     ),
 ]
+SampleRateOpt = Annotated[
+    str,
+    typer.Option("--sample-rate", "-r", "--rate", help="24000 (the model's), 'original', or a rate in Hz."),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output if it exists.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
@@ -135,6 +139,16 @@ def _discard_stdout() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+def parse_sample_rate_option(text: str) -> int | str | None:
+    """--sample-rate's value; a bad one is a ValueError that names the option."""
+    from ..codec import parse_sample_rate
+
+    try:
+        return parse_sample_rate(text)
+    except ValueError as e:
+        raise ValueError(f"--sample-rate: {e}") from None
 
 
 def choose_codebooks(codebooks: int | None, bitrate: float | None, quiet: bool) -> int:

@@ -21,11 +21,13 @@ from .common import (
     JobsOpt,
     JsonOpt,
     QuietOpt,
+    SampleRateOpt,
     WeightsOpt,
     app,
     choose_codebooks,
     errors_to_exit,
     load_weights,
+    parse_sample_rate_option,
 )
 
 DEFAULT_SHARD_SIZE = 1000  # pipeline.DEFAULT_SHARD_SIZE (not imported: `mimi --help` stays light)
@@ -157,9 +159,7 @@ def detokenize(
     audio_dir: Annotated[
         str, typer.Argument(metavar="AUDIO_DIR", help="Folder for the audio.", show_default=False)
     ],
-    sample_rate: Annotated[
-        str, typer.Option("--sample-rate", "-r", help="24000 (the model's), 'original', or a rate in Hz.")
-    ] = "24000",
+    sample_rate: SampleRateOpt = "24000",
     audio_format: Annotated[str | None, typer.Option("--format", help="wav (default), flac or ogg.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -176,13 +176,9 @@ def detokenize(
     """
     with errors_to_exit():
         from ..batch import decoded_suffix
-        from ..codec import parse_sample_rate
         from ..corpus.detokenize import check_dataset, detokenize_dataset
 
-        try:
-            rate = parse_sample_rate(sample_rate)
-        except ValueError as e:
-            raise ValueError(f"--sample-rate: {e}") from None
+        rate = parse_sample_rate_option(sample_rate)
         suffix = decoded_suffix(audio_format)
         description = check_dataset(Path(dataset))
         model = load_weights(weights, device, dtype, quiet)

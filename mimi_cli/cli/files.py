@@ -30,6 +30,7 @@ from .common import (
     JsonOpt,
     OutputArg,
     QuietOpt,
+    SampleRateOpt,
     WeightsOpt,
     app,
     check_paths,
@@ -37,6 +38,7 @@ from .common import (
     error_line,
     errors_to_exit,
     load_weights,
+    parse_sample_rate_option,
     progress_bar,
     report,
 )
@@ -100,12 +102,7 @@ def encode(
 def decode(
     input: InputArg,
     output: OutputArg,
-    sample_rate: Annotated[
-        str,
-        typer.Option(
-            "--sample-rate", "-r", "--rate", help="24000 (the model's), 'original', or a rate in Hz."
-        ),
-    ] = "24000",
+    sample_rate: SampleRateOpt = "24000",
     codebooks: Annotated[
         int | None,
         typer.Option(
@@ -139,7 +136,7 @@ def decode(
     With --live, decodes each chunk of codes as it arrives and writes its audio at once.
     """
     with errors_to_exit():
-        rate = _parse_rate(sample_rate)
+        rate = parse_sample_rate_option(sample_rate)
         if raw:
             if not isinstance(rate, int) and rate is not None:
                 raise ValueError("--raw needs a rate in Hz (--rate), not 'original'")
@@ -370,12 +367,3 @@ def _batch_report(report: Any, out_dir: Path, quiet: bool, as_json: bool, kind: 
             markup=False,
             soft_wrap=True,
         )
-
-
-def _parse_rate(text: str) -> int | str | None:
-    from ..codec import parse_sample_rate
-
-    try:
-        return parse_sample_rate(text)
-    except ValueError as e:
-        raise ValueError(f"--sample-rate: {e}") from None
