@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import ONE_FRAME_ROWS, weight_times_rows
 from .stream import Stream, layer_state
 
 
@@ -72,17 +73,13 @@ def _conv_time_major(
 ) -> torch.Tensor:
     """[B, T, C_in] → [B, T', C_out] with a channels-last [C_out, C_in, 1, k] kernel (a 2-d conv, H = 1)."""
     if x.device.type == "cpu" and groups == 1 and dilation == 1:
-        out_channels, _, _, taps = kernel.shape
-        count = (x.shape[1] - taps) // stride + 1
-        if x.shape[0] * count == _ONE_FRAME_OUTPUTS:
+        count = (x.shape[1] - kernel.shape[-1]) // stride + 1
+        if x.shape[0] * count == ONE_FRAME_ROWS:  # the big convolutions at 25 Hz, one frame streamed
             return _conv_as_product(x, kernel, bias, stride, count)
     y = F.conv2d(
         x.transpose(1, 2).unsqueeze(2), kernel, bias, (1, stride), dilation=(1, dilation), groups=groups
     )
     return y.squeeze(2).transpose(1, 2)
-
-
-_ONE_FRAME_OUTPUTS = 2  # the big convolutions at 25 Hz make two outputs per streamed 80 ms frame
 
 
 def _conv_as_product(
@@ -98,12 +95,8 @@ def _conv_as_product(
     out_channels, _, _, taps = kernel.shape
     x = x.contiguous()
     cols = x.as_strided((batch, count, taps * in_channels), (x.stride(0), stride * in_channels, 1))
-    cols = cols.reshape(batch * count, -1).contiguous()  # its transpose must be a transposed view
     weight = kernel.permute(0, 2, 3, 1).reshape(out_channels, -1)  # a view of the channels-last kernel
-    y = torch.mm(weight, cols.mT).mT
-    if bias is not None:
-        y = y + bias
-    return y.contiguous().view(batch, count, out_channels)
+    return weight_times_rows(weight, cols.reshape(batch * count, -1), bias).view(batch, count, out_channels)
 
 
 class CausalConv1d(nn.Module):

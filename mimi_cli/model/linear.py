@@ -5,7 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_ONE_FRAME_ROWS = 2  # the transformers run at 25 Hz: an 80 ms frame is two steps
+ONE_FRAME_ROWS = 2  # the transformers (and the big convolutions) run at 25 Hz: an 80 ms frame is two steps
+
+
+def weight_times_rows(weight: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows [N, in] → rows @ weightᵀ (+ bias) [N, out], contiguous, computed as `weight @ rowsᵀ`.
+
+    `rows` is made contiguous first: the BLAS fast path needs `rowsᵀ` to be a transposed view (a
+    contiguous [in, N] operand takes a path several times slower).
+    """
+    y = torch.mm(weight, rows.contiguous().mT).mT
+    if bias is not None:
+        y = y + bias
+    return y.contiguous()
 
 
 class Linear(nn.Linear):
@@ -20,10 +32,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.numel() != _ONE_FRAME_ROWS * x.shape[-1]:
+        if x.device.type != "cpu" or x.numel() != ONE_FRAME_ROWS * x.shape[-1]:
             return super().forward(x)
-        rows = x.reshape(_ONE_FRAME_ROWS, -1).contiguous()  # its transpose must be a transposed view
-        y = torch.mm(self.weight, rows.mT).mT
-        if self.bias is not None:
-            y = y + self.bias
-        return y.contiguous().reshape(*x.shape[:-1], -1)
+        y = weight_times_rows(self.weight, x.reshape(ONE_FRAME_ROWS, -1), self.bias)
+        return y.reshape(*x.shape[:-1], -1)
