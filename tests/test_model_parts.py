@@ -123,7 +123,7 @@ def test_transformer_streamed_in_uneven_calls_equals_one_pass():
             outputs.append(model(x[:, start : start + size], stream))
             start += size
             if start > 70:  # steady two-step calls write into the same buffer: no copy of the window
-                buffers.add(stream.state(attention, lambda: None).keys.data_ptr())
+                buffers.add(stream.state(attention, lambda: None).buffer.data_ptr())
     torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=1e-5, atol=1e-5)
     assert len(buffers) == 1
 

@@ -131,37 +131,34 @@ class Attention(nn.Module):
 
 @dataclass
 class _KeyValueWindow:
-    """The keys (RoPE applied) and values a streamed call passes to the next, in buffers written in place.
+    """The keys (RoPE applied) and values a streamed call passes to the next, in a buffer written in place.
 
     A call's steps are written after the kept ones, so that a one-frame call copies only its own two
     steps (re-concatenating the window's 249 steps on every call cost more than the attention itself).
-    When a buffer is full, the kept steps move to its front: one copy per `capacity - 2·keep` steps.
+    When the buffer is full, the kept steps move to its front: one copy per `capacity - 2·keep` steps.
     """
 
-    keys: torch.Tensor | None = None  # [B, H, capacity, D]
-    values: torch.Tensor | None = None
-    end: int = 0  # steps written so far in the buffers
+    buffer: torch.Tensor | None = None  # [2 (keys, values), B, H, capacity, D]
+    end: int = 0  # steps written so far in the buffer
     kept: int = 0  # steps before `end` that the next call sees (at most `keep`)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """k, v: [B, H, T, D] → (kept + new keys, kept + new values, number kept); keeps the last `keep`."""
-        steps, past = k.shape[2], self.kept
-        if self.keys is None or self.values is None or self.end + steps > self.keys.shape[2]:
+        steps, past, buffer = k.shape[2], self.kept, self.buffer
+        if buffer is None or self.end + steps > buffer.shape[3]:
             capacity = 2 * keep + steps  # room for `keep` steps to move to the front without overlap
-            if self.keys is not None and self.values is not None and capacity <= self.keys.shape[2]:
-                keys, values = self.keys, self.values
-            else:
-                keys = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-                values = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-            if past and self.keys is not None and self.values is not None:
-                keys[:, :, :past] = self.keys[:, :, self.end - past : self.end]
-                values[:, :, :past] = self.values[:, :, self.end - past : self.end]
-            self.keys, self.values, self.end = keys, values, past
+            old = buffer
+            if old is None or capacity > old.shape[3]:
+                buffer = k.new_empty(2, *k.shape[:2], capacity, k.shape[3])
+            if old is not None and past:
+                buffer[..., :past, :] = old[..., self.end - past : self.end, :]
+            self.buffer, self.end = buffer, past
         start, self.end = self.end - past, self.end + steps
-        self.keys[:, :, start + past : self.end] = k
-        self.values[:, :, start + past : self.end] = v
+        buffer[0, :, :, start + past : self.end] = k
+        buffer[1, :, :, start + past : self.end] = v
         self.kept = min(keep, past + steps)
-        return self.keys[:, :, start : self.end], self.values[:, :, start : self.end], past
+        window = buffer[:, :, :, start : self.end]
+        return window[0], window[1], past
 
 
 class LayerScale(nn.Module):
