@@ -47,6 +47,10 @@ from .wavpipe import WavFormat, is_wav, parse_header, read_blocks, read_upto, st
 T = TypeVar("T")
 RESAMPLE_QUALITY = "HQ"  # soxr quality for every resampling, whole-file and streamed
 BLOCK_FRAMES = 16_384  # input frames per streamed block (0.37 s at 44.1 kHz)
+# Frames handed to libsndfile per write call. Its Vorbis encoder crashes the process (a segfault in
+# libvorbis' `_preextrapolate_helper`) when one call brings over about two million frames; smaller
+# calls give the same file.
+WRITE_FRAMES = 2**18
 OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG"}
 OUTPUT_SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}
 
@@ -402,7 +406,9 @@ class AudioWriter:
         if self._sf is None:
             self._io(lambda: self._stream.write(samples.tobytes()))
         else:
-            self._io(lambda: self._sf.write(samples))
+            for start in range(0, len(samples), WRITE_FRAMES):
+                part = samples[start : start + WRITE_FRAMES]
+                self._io(lambda part=part: self._sf.write(part))
         self.frames += len(x)
 
     def close(self) -> None:

@@ -239,6 +239,21 @@ def test_write_clips_and_keeps_channels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back, [[32767 / 32768, 0.25], [-1.0, 32767 / 32768], [0.5, -1.0]])
 
 
+def test_long_ogg_written_in_one_call(tmp_path: Path) -> None:
+    """libsndfile's Vorbis encoder segfaults when one write brings ~2.6 M frames (54 s at 48 kHz);
+    AudioWriter hands them over in smaller calls. In a child process, so that a crash fails only here."""
+    code = (
+        "import sys, numpy as np; from mimi_cli.audio import write_audio\n"
+        "x = np.random.default_rng(0).standard_normal(2_612_722).astype(np.float32) * 0.1\n"
+        "write_audio(sys.argv[1], x, 48_000)\n"
+    )
+    dst = tmp_path / "long.ogg"
+    proc = subprocess.run([sys.executable, "-c", code, str(dst)], cwd=ROOT, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-500:]
+    info = sf.info(dst)
+    assert (info.samplerate, info.frames) == (48_000, 2_612_722)
+
+
 @pytest.mark.parametrize("fmt", ["wav", "flac", "ogg"])
 def test_audio_writer_to_non_seekable_stream(fmt: str) -> None:
     blocks = [_noise(n, 1, seed=n)[:, 0] for n in (1000, 1, 2500)]
