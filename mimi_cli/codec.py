@@ -340,14 +340,31 @@ def _decode_chunks(
 
     def decoded() -> Iterator[tuple[torch.Tensor, int]]:
         done = 0
-        for chunk in chunks:
-            for start in range(0, chunk.shape[1], step):  # container chunks hold up to 20 s
-                codes = torch.from_numpy(chunk[:codebooks, start : start + step])
-                done += codes.shape[1]
-                yield decoder.push(to_device(codes[None], model.device)), done
+        for piece in _in_steps((chunk[:codebooks] for chunk in chunks), step):
+            codes = torch.from_numpy(piece)
+            done += codes.shape[1]
+            yield decoder.push(to_device(codes[None], model.device)), done
 
     for audio, done in _one_ahead(decoded()):
         yield audio[0, 0].float().cpu().numpy(), done
+
+
+def _in_steps(chunks: Iterable[np.ndarray], step: int) -> Iterator[np.ndarray]:
+    """Codes [K, f] chunks of any length regrouped into [K, step] pieces (the last one shorter): the
+    container's chunks need not line up with the decoder's, and every call decodes a whole piece."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        count += chunk.shape[1]
+        if count < step:
+            continue
+        joined = np.concatenate(pending, axis=1) if len(pending) > 1 else chunk
+        whole = count - count % step
+        yield from (joined[:, start : start + step] for start in range(0, whole, step))
+        pending, count = [joined[:, whole:]], count - whole
+    if count:
+        yield np.concatenate(pending, axis=1)
 
 
 def _one_ahead(items: Iterator[T]) -> Iterator[T]:

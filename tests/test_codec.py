@@ -351,6 +351,21 @@ def test_rechunker_cuts_any_pushes_into_whole_blocks(sizes):
     assert np.array_equal(joined[: len(signal)], signal) and not joined[len(signal) :].any()
 
 
+@pytest.mark.parametrize("sizes", [[250, 250, 13], [1] * 30, [0, 7, 0], [24, 1, 25], [60]])
+def test_decoder_pieces_are_whole_steps_whatever_the_container_chunks(sizes):
+    """decode_file regroups the container's chunks into pieces of `step` frames (the last one shorter):
+    on a GPU each piece costs one wait, so chunks of 250 + 250 + 13 frames make 5 pieces, not 6."""
+    from mimi_cli.codec import _in_steps
+
+    codes = np.arange(3 * sum(sizes)).reshape(3, -1)
+    bounds = np.cumsum([0, *sizes])
+    pieces = list(_in_steps((codes[:, a:b] for a, b in zip(bounds, bounds[1:], strict=False)), 25))
+    assert [p.shape[1] for p in pieces] == [25] * (sum(sizes) // 25) + (
+        [sum(sizes) % 25] if sum(sizes) % 25 else []
+    )
+    assert np.array_equal(np.concatenate(pieces, axis=1) if pieces else codes, codes)
+
+
 def test_decode_npy_decodes_codes_read_beforehand_and_checks_their_count(tiny, whole_codes, tmp_path):
     array = tmp_path / "codes.npy"
     np.save(array, whole_codes[0].numpy().astype(np.int16))
