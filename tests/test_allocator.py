@@ -10,7 +10,7 @@ import pytest
 
 from mimi_cli.codec import CHUNK_SECONDS
 from mimi_cli.config import FRAME_RATE
-from mimi_cli.model.mimi import DEFAULT_CHUNK_FRAMES, SEANET_PIECE_FRAMES
+from mimi_cli.model.mimi import CUDA_SEANET_PIECE_FRAMES, DEFAULT_CHUNK_FRAMES, SEANET_PIECE_FRAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,5 +53,6 @@ def test_freed_memory_is_reused_once_tuned():
 
 def test_pieces_of_long_inputs_all_have_one_shape():
     """The SEANet piece divides the codec's chunk and the model's default chunk: one shape per layer."""
-    assert round(CHUNK_SECONDS * FRAME_RATE) % SEANET_PIECE_FRAMES == 0
-    assert DEFAULT_CHUNK_FRAMES % SEANET_PIECE_FRAMES == 0
+    for piece in (SEANET_PIECE_FRAMES, CUDA_SEANET_PIECE_FRAMES):
+        assert round(CHUNK_SECONDS * FRAME_RATE) % piece == 0
+        assert DEFAULT_CHUNK_FRAMES % piece == 0

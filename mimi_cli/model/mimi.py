@@ -18,6 +18,9 @@ DEFAULT_CHUNK_FRAMES = 500
 # that divides the codec's 8 s chunks and the 40 s above, so that every piece of a long input has
 # the same shape and the convolution kernels set up for the first piece serve all the others.
 SEANET_PIECE_FRAMES = 50
+# On CUDA pieces twice as long (8 s, the codec's chunk): fewer launches, and float32 convolutions of
+# 4 s pieces made cuDNN pick plans with tens of GiB of workspace on an H100 (benchmarks/README.md).
+CUDA_SEANET_PIECE_FRAMES = 100
 
 
 class MimiModel(nn.Module):
@@ -70,13 +73,13 @@ class MimiModel(nn.Module):
     def encode_latents(self, audio: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
         """audio [B, 1, T] at 24 kHz → latents [B, frames, hidden_size] at 12.5 Hz, before quantization.
 
-        The SEANet runs over pieces of `SEANET_PIECE_FRAMES` frames (its activations stay in cache),
+        The SEANet runs over pieces of `_piece_frames()` frames (its activations stay in cache),
         the transformer over the whole call (its matrix products want long sequences).
         """
         stream = stream or Stream(final=True)
         final = stream.final
         x = audio.to(self.device, self.dtype).transpose(1, 2)  # time-major from here on
-        piece = SEANET_PIECE_FRAMES * self.config.frame_size
+        piece = self._piece_frames() * self.config.frame_size
         latents = []
         for start in range(0, max(x.shape[1], 1), piece):
             stream.final = final and start + piece >= x.shape[1]
@@ -89,11 +92,14 @@ class MimiModel(nn.Module):
         """latents [B, frames, hidden_size] → audio [B, 1, frames · frame_size] at 24 kHz."""
         stream = stream or Stream(final=True)
         x = self.decoder_transformer(self.upsample(latents.to(self.dtype), stream), stream)
-        piece = SEANET_PIECE_FRAMES * self.config.latent_stride
+        piece = self._piece_frames() * self.config.latent_stride
         audio = [
             self.decoder(x[:, start : start + piece], stream) for start in range(0, max(x.shape[1], 1), piece)
         ]
         return (audio[0] if len(audio) == 1 else torch.cat(audio, dim=1)).transpose(1, 2)
+
+    def _piece_frames(self) -> int:
+        return CUDA_SEANET_PIECE_FRAMES if self.device.type == "cuda" else SEANET_PIECE_FRAMES
 
     def to_runtime(self, device: torch.device, dtype: torch.dtype = torch.float32) -> MimiModel:
         """Move to `device`; convolutions and transformers in `dtype`, the quantizer stays float32.
