@@ -45,14 +45,13 @@ MAX_FRAMES_DIFFERING = 0.01  # share of frames (at least 1 allowed)
 
 # Agreement of each faster setting with CUDA float32 (TF32 off), on the 61 s signal and 32 codebooks:
 #   (least share of codes equal to float32's, least SNR in dB of decoding float32's codes in that setting)
-# PROVISIONAL: conservative guesses made without a GPU, low enough not to fail on honest rounding and
-# high enough to catch a broken path (garbage codes agree ~0.05 %; NaN or overflow gives no SNR).
-# Set them from the figures `make test-gpu` prints on the reference GPU (H100), with a margin below
-# the measured values, and copy the measured values into README's dtype table.
+# Measured on an H100 (torch 2.11, CUDA 13.0), full-size random weights: tf32 90.6 % and 61.5 dB,
+# float16 90.6 % and 57.7 dB, bfloat16 54.3 % and 39.4 dB (README, "Which dtype"). The bounds sit a
+# margin below, well above what a broken path gives (garbage codes agree ~0.05 %; NaN gives no SNR).
 DTYPE_THRESHOLDS: dict[str, tuple[float, float]] = {
-    "tf32": (0.50, 20.0),
-    "float16": (0.30, 15.0),
-    "bfloat16": (0.20, 10.0),
+    "tf32": (0.85, 55.0),
+    "float16": (0.85, 50.0),
+    "bfloat16": (0.45, 33.0),
 }
 DTYPE_OF = {"tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -130,7 +129,7 @@ def cpu_reference(full_weights, audio) -> tuple[torch.Tensor, torch.Tensor]:
     codes = model.encode(audio, CODEBOOKS)
     frames = -(-audio.shape[-1] // 1920)
     assert codes.shape == (1, CODEBOOKS, frames)
-    assert codes[0, 0].unique().numel() > frames // 4  # codes vary: the comparisons mean something
+    assert codes[0, 0].unique().numel() > frames // 8  # codes vary: the comparisons mean something
     return codes, model.decode(codes)
 
 
