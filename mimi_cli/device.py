@@ -3,6 +3,8 @@ TF32 and host → device copies."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _DTYPES = {
@@ -78,3 +80,10 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         return tensor.to(device)
     # contiguous first: a strided source would be copied again into pageable memory by `.to`
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+
+
+def default_workers(device: torch.device) -> int:
+    """Reading/writing threads for folders and corpora: every core when the model runs on a GPU (the
+    cores only read, resample and write, and must keep the GPU fed), else up to 4 beside the model."""
+    cores = os.cpu_count() or 1
+    return cores if device.type == "cuda" else min(4, cores)

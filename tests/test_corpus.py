@@ -8,9 +8,11 @@ per-file `mimi encode`, failures, resume after a killed driver, and the readers 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,6 +182,95 @@ def test_batches_of_several_give_the_codes_to_rounding(corpus, dataset, tiny_wei
         total += a.size
     assert differing <= 0.02 * total, f"{differing} of {total} codes differ"
     assert read_failures(tmp_path / "b3") == read_failures(out)
+
+
+def test_the_inputs_of_one_unit_are_read_in_parallel(corpus, dataset, tiny_weights, tmp_path, monkeypatch):
+    """One read task per input: a unit of `--batch-size` inputs keeps several threads busy (a task per
+    unit left a corpus of a few big units to a few threads). Here the whole corpus is one unit; the
+    rows are those of one thread."""
+    from mimi_cli.corpus import readers
+
+    threads: dict[str, set[str]] = {}
+    read_unit = readers.read_unit
+
+    def recorded(unit, cells):
+        time.sleep(0.05)  # long enough for the other threads to take the next inputs
+        for item in unit:
+            threads.setdefault(item.id, set()).add(threading.current_thread().name)
+        return read_unit(unit, cells)
+
+    monkeypatch.setattr(readers, "read_unit", recorded)
+    out = tmp_path / "parallel"
+    code, _ = tokenize(corpus, out, tiny_weights, "--batch-size", 64, "--jobs", 4)
+    assert code == 1  # the corpus holds unreadable files, as in `dataset`
+    assert 8 <= len(threads) < 64 and all(len(names) == 1 for names in threads.values())  # read once
+    assert len(set().union(*threads.values())) >= 2
+    tokenize(corpus, tmp_path / "serial", tiny_weights, "--batch-size", 64, "--jobs", 1)
+    assert read_rows(out) == read_rows(tmp_path / "serial")
+    assert read_failures(out) == read_failures(tmp_path / "serial")
+
+
+def test_reader_processes_give_the_rows_of_threads(corpus, dataset, tiny_weights, tmp_path) -> None:
+    """`--readers processes` (the default beside a GPU) reads in spawned processes: same rows, same
+    failures, and no reader process outlives the run."""
+    out, _, _ = dataset
+    code, _ = tokenize(corpus, tmp_path / "p", tiny_weights, "--readers", "processes", "--jobs", 3)
+    assert code == 1
+    assert read_rows(tmp_path / "p") == read_rows(out)
+    assert read_failures(tmp_path / "p") == read_failures(out)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_reader_process_that_dies_fails_the_run_in_one_line() -> None:
+    """A crash in a decoder kills its reader process: the wait for that input raises a MimiError that
+    names it (a plain multiprocessing pool would wait for ever)."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from mimi_cli.corpus.readers import _result
+    from mimi_cli.corpus.sources import Input
+
+    future: Future = Future()
+    future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    with pytest.raises(MimiError, match=r"^clips/a\.ogg: a reading process died"):
+        _result(future, Input("clips/a.ogg", "/data/clips/a.ogg"))
+
+
+@pytest.mark.parametrize("where", ["launch", "wait"])
+def test_a_failed_batch_is_retried_input_by_input(tiny_weights, monkeypatch, where) -> None:
+    """A batch that fails, when queued or when its codes are waited for, is encoded again input by
+    input: only the input that fails alone becomes a failed row, the others get their own codes."""
+    from mimi_cli import load_model
+    from mimi_cli.corpus import encoding
+    from mimi_cli.corpus.sources import Input
+
+    model = load_model(tiny_weights)
+    rng = np.random.default_rng(3)
+    unit = [Input(f"clip{i}", f"/data/clip{i}.wav") for i in range(3)]
+    read = [encoding.Audio(0.1 * rng.standard_normal(4000 + 2500 * i).astype(np.float32), 24_000, 0, 1)
+            for i in range(3)]  # fmt: skip
+    for r in read:
+        r.num_samples = len(r.audio)
+    alone = [encoding.encode_unit(model, K, [item], [r])[0] for item, r in zip(unit, read, strict=True)]
+    launch, wait = encoding._launch, encoding._PendingCodes.wait
+    poisoned = len(read[1].audio)
+
+    def failing_launch(model, k, audios):
+        if where == "launch" and (len(audios) > 1 or len(audios[0]) == poisoned):
+            raise RuntimeError("CUDA out of memory")
+        return launch(model, k, audios)
+
+    def failing_wait(self):
+        if where == "wait" and (len(self.frames) > 1 or self.frames[0] == -(-poisoned // 1920)):
+            raise RuntimeError("an illegal memory access was encountered")
+        return wait(self)
+
+    monkeypatch.setattr(encoding, "_launch", failing_launch)
+    monkeypatch.setattr(encoding._PendingCodes, "wait", failing_wait)
+    rows = encoding.finish_unit(encoding.launch_unit(model, K, unit, read))
+    assert isinstance(rows[1], encoding.Failed) and rows[1].error.startswith("clip1: cannot encode (")
+    for i in (0, 2):
+        assert isinstance(rows[i], encoding.Encoded) and np.array_equal(rows[i].codes, alone[i].codes)
 
 
 # ---------------------------------------------------------------------------------------------- lists, tables
@@ -355,6 +446,8 @@ def _with(args: list, out: Path) -> list:
         pytest.param(["--address", "auto"], "--address needs --engine ray", id="address"),
         pytest.param(["--shard-size", "0"], "--shard-size must be at least 1", id="shard-size"),
         pytest.param(["--batch-size", "0"], "--batch-size must be at least 1", id="batch-size"),
+        pytest.param(["--readers", "fibers"], "--readers must be auto, threads or processes", id="readers"),
+        pytest.param(["--jobs", "0"], "--jobs must be at least 1", id="jobs"),
     ],
 )
 def test_bad_options_are_one_line_errors(corpus, tiny_weights, tmp_path, extra, message) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mimi_cli import load_model
-from mimi_cli.device import resolve_dtype, set_tf32, to_device
+from mimi_cli.device import default_workers, resolve_dtype, set_tf32, to_device
 from mimi_cli.model.quantizer import Codebook
 
 CUDA = torch.device("cuda")  # a name only: resolve_dtype does not touch the device
@@ -38,6 +38,13 @@ def test_cuda_only_dtypes_are_refused_on_cpu(name):
 def test_unknown_dtype_lists_the_choices():
     with pytest.raises(ValueError, match="float32, tf32, bfloat16 or float16"):
         resolve_dtype("float64", CUDA)
+
+
+@pytest.mark.parametrize("cores, cpu, cuda", [(16, 4, 16), (2, 2, 2), (1, 1, 1)])
+def test_default_workers_use_every_core_beside_a_gpu(monkeypatch, cores, cpu, cuda):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert default_workers(torch.device("cpu")) == cpu
+    assert default_workers(CUDA) == cuda
 
 
 def test_set_tf32_sets_both_flags():

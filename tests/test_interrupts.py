@@ -59,16 +59,25 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def _interrupted_run(command: list[str], folder: Path, delay: float, unchanged: bool = True) -> str | None:
+def _interrupted_run(
+    command: list[str], folder: Path, delay: float, unchanged: bool = True, group: bool = False
+) -> str | None:
     """Run `command`, send SIGINT after `delay` seconds; a description of what went wrong, or None.
-    `unchanged`: the files of `folder` must be as they were (else only its leftovers are checked)."""
+    `unchanged`: the files of `folder` must be as they were (else only its leftovers are checked).
+    `group`: the command runs in a process group of its own, and the signal goes to the whole group,
+    as a terminal sends Ctrl-C (child processes get it too)."""
     before = _snapshot(folder) if unchanged else None
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=group
+    )
     try:
         time.sleep(delay)
         if proc.poll() is not None:
             return f"ended before the signal (exit {proc.returncode}): the delay {delay:.2f} s was too long"
-        proc.send_signal(signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -114,10 +123,11 @@ def test_ctrl_c_at_random_moments_ends_every_run_cleanly(kind, long_flac, tiny_w
     assert problems == [], "\n\n".join(problems)
 
 
-@pytest.mark.parametrize("kind", ["tokenize", "compare"])
+@pytest.mark.parametrize("kind", ["tokenize", "tokenize-processes", "compare"])
 def test_ctrl_c_ends_tokenize_and_compare_cleanly(kind, tiny_weights, tmp_path):
     """The same for `mimi tokenize` (complete shards may stay: a rerun resumes from them; none cut
-    short, no temporary file) and `mimi compare` (no report at all)."""
+    short, no temporary file), also with reader processes (they must stay silent: the Ctrl-C is the
+    driver's), and `mimi compare` (no report at all)."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     t = np.arange(24_000 * 4) / 24_000
@@ -125,16 +135,10 @@ def test_ctrl_c_ends_tokenize_and_compare_cleanly(kind, tiny_weights, tmp_path):
         sf.write(corpus / f"f{i}.wav", 0.3 * np.sin(2 * np.pi * (200 + 30 * i) * t), 24_000)
 
     def command(folder: Path) -> list[str]:
-        if kind == "tokenize":
-            return [
-                str(MIMI),
-                "tokenize",
-                str(corpus),
-                str(folder / "dataset"),
-                "-w",
-                str(tiny_weights),
-                "-q",
-            ]
+        if kind.startswith("tokenize"):
+            readers = ["--readers", "processes", "--jobs", "3"] if kind == "tokenize-processes" else []
+            dataset = str(folder / "dataset")
+            return [str(MIMI), "tokenize", str(corpus), dataset, "-w", str(tiny_weights), "-q", *readers]
         return [str(MIMI), "compare", str(corpus / "f1.wav"), "--codebooks", "2,4,8", "-w", str(tiny_weights),
                 "--report", str(folder / "report.html"), "--json"]  # fmt: skip
 
@@ -145,7 +149,9 @@ def test_ctrl_c_ends_tokenize_and_compare_cleanly(kind, tiny_weights, tmp_path):
     def one(index: int) -> str | None:
         folder = tmp_path / f"run{index:02}"
         folder.mkdir()
-        problem = _interrupted_run(command(folder), folder, float(delays[index]), unchanged=kind == "compare")
+        problem = _interrupted_run(
+            command(folder), folder, float(delays[index]), unchanged=kind == "compare", group=True
+        )
         for shard in (folder / "dataset").glob("part-*.parquet"):
             try:
                 pq.read_table(shard)

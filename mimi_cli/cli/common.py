@@ -83,7 +83,13 @@ GlobOpt = Annotated[
     ),
 ]
 JobsOpt = Annotated[
-    int, typer.Option("--jobs", "-j", help="Folders: reading/writing workers (1 = sequential).")
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        help="Folders: reading/writing workers, 1 = sequential \\[default: all cores on CUDA, else 4].",
+        show_default=False,
+    ),
 ]
 BatchSizeOpt = Annotated[
     int | None,
@@ -93,7 +99,6 @@ BatchSizeOpt = Annotated[
         show_default=False,
     ),
 ]
-DEFAULT_JOBS = min(4, os.cpu_count() or 1)
 
 
 def error_line(message: str, label: str = "error:") -> None:

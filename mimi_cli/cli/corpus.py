@@ -12,7 +12,6 @@ import typer
 
 from . import common
 from .common import (
-    DEFAULT_JOBS,
     BatchSizeOpt,
     BitrateOpt,
     CodebooksOpt,
@@ -31,6 +30,7 @@ from .common import (
 )
 
 DEFAULT_SHARD_SIZE = 1000  # pipeline.DEFAULT_SHARD_SIZE (not imported: `mimi --help` stays light)
+READERS = {"auto": None, "threads": False, "processes": True}  # --readers → TokenizeOptions.reader_processes
 
 
 @app.command()
@@ -67,7 +67,14 @@ def tokenize(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     batch_size: BatchSizeOpt = None,
-    jobs: JobsOpt = DEFAULT_JOBS,
+    jobs: JobsOpt = None,
+    readers: Annotated[
+        str,
+        typer.Option(
+            "--readers",
+            help="Local engine: read inputs in threads or processes (auto: processes beside a GPU).",
+        ),
+    ] = "auto",
     actors: Annotated[
         int | None,
         typer.Option(
@@ -94,10 +101,13 @@ def tokenize(
 
         k = choose_codebooks(codebooks, bitrate, quiet or as_json)
         size = batch_size if batch_size is not None else (8 if device.startswith("cuda") else 1)
+        if readers not in READERS:
+            raise ValueError(f"--readers must be auto, threads or processes, got {readers!r}")
         opts = TokenizeOptions(
-            k, engine, address, shard_size, audio_column, weights, device, dtype, size, jobs, actors, force
-        )
-        if jobs < 1:
+            k, engine, address, shard_size, audio_column, weights, device, dtype, size, jobs,
+            READERS[readers], actors, force,
+        )  # fmt: skip
+        if jobs is not None and jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {jobs}")
         with _shard_progress(not quiet and not as_json) as progress:
             summary = run(Path(src), Path(out_dir), opts, progress)

@@ -15,7 +15,6 @@ from ..config import DEFAULT_CODEBOOKS
 from ..errors import OutputError, one_line
 from . import common
 from .common import (
-    DEFAULT_JOBS,
     EXIT_BAD_INPUT,
     STDIO,
     BatchSizeOpt,
@@ -57,7 +56,7 @@ def encode(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     glob: GlobOpt = None,
-    jobs: JobsOpt = DEFAULT_JOBS,
+    jobs: JobsOpt = None,
     batch_size: BatchSizeOpt = None,
     live: LiveOpt = False,
     raw: RawOpt = False,
@@ -122,7 +121,7 @@ def decode(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     glob: GlobOpt = None,
-    jobs: JobsOpt = DEFAULT_JOBS,
+    jobs: JobsOpt = None,
     batch_size: BatchSizeOpt = None,
     live: LiveOpt = False,
     raw: RawOpt = False,
@@ -264,7 +263,7 @@ class _Folders:
     quiet: bool
     as_json: bool
     glob: str | None
-    jobs: int
+    jobs: int | None
     batch_size: int | None
 
 
@@ -279,11 +278,12 @@ def _batch(
 ) -> None:
     """Convert a folder; exit 1 when any file failed."""
     from .. import batch
+    from ..device import default_workers
 
     in_dir, out_dir = Path(input), Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a folder (IN is a folder, so OUT must be one)")
-    if opts.jobs < 1:
+    if opts.jobs is not None and opts.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
     suffix = ".mimi" if kind == "encode" else batch.decoded_suffix(audio_format)
     planned = batch.plan(in_dir, out_dir, suffix, opts.glob)
@@ -291,7 +291,7 @@ def _batch(
     size = opts.batch_size or (8 if model.device.type == "cuda" else 1)
     if size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {size}")
-    force, jobs = opts.force, opts.jobs
+    force, jobs = opts.force, opts.jobs or default_workers(model.device)
     with _batch_progress(not opts.quiet and not opts.as_json, len(planned)) as progress:
         if kind == "encode":
             report = batch.encode_batch(model, planned, codebooks, force, jobs, size, progress)

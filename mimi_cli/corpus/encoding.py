@@ -18,6 +18,8 @@ from ..errors import MimiError, one_line
 from .sources import CellReader, Input, read_input
 
 if TYPE_CHECKING:
+    import torch
+
     from ..model import MimiModel
 
 
@@ -77,14 +79,54 @@ def encode_unit(
 
     If the batch fails, each input is tried alone, so one bad input fails alone.
     """
-    ready = [(item, r) for item, r in zip(unit, read, strict=True) if isinstance(r, Audio)]
+    return finish_unit(launch_unit(model, num_codebooks, unit, read))
+
+
+@dataclass
+class Launched:
+    """A unit whose encoding is queued on the model's device; `finish_unit` waits for its codes."""
+
+    model: MimiModel
+    num_codebooks: int
+    unit: list[Input]
+    read: list[Audio | Failed]
+    codes: _PendingCodes | None = None
+    error: Exception | None = None
+
+
+def launch_unit(
+    model: MimiModel, num_codebooks: int, unit: list[Input], read: list[Audio | Failed]
+) -> Launched:
+    """Queue a unit's encoding without waiting for it (on CUDA the host can prepare the next unit
+    meanwhile: the engines keep one unit in flight)."""
+    launched = Launched(model, num_codebooks, unit, read)
+    audios = [r.audio for r in read if isinstance(r, Audio)]
     try:
-        codes = _encode(model, num_codebooks, [r.audio for _, r in ready]) if ready else []
+        launched.codes = _launch(model, num_codebooks, audios) if audios else None
     except (MimiError, ValueError, RuntimeError) as e:
+        launched.error = e
+    return launched
+
+
+def finish_unit(launched: Launched) -> list[Encoded | Failed]:
+    """The rows of a launched unit, once its codes are back; a failed batch is retried input by input."""
+    unit, read = launched.unit, launched.read
+    ready = [(item, r) for item, r in zip(unit, read, strict=True) if isinstance(r, Audio)]
+    codes: list[np.ndarray | Encoded | Failed] = []
+    error = launched.error
+    if error is None and launched.codes is not None:
+        try:
+            codes = list(launched.codes.wait())
+        except (MimiError, ValueError, RuntimeError) as e:
+            error = e
+    if error is not None:
+        model, k = launched.model, launched.num_codebooks
         if len(ready) <= 1:
-            codes = [Failed(item.id, _named(item.id, f"cannot encode ({one_line(e)})")) for item, _ in ready]
+            codes = [
+                Failed(item.id, _named(item.id, f"cannot encode ({one_line(error)})")) for item, _ in ready
+            ]
         else:
-            codes = [encode_unit(model, num_codebooks, [item], [r])[0] for item, r in ready]
+            codes = [encode_unit(model, k, [item], [r])[0] for item, r in ready]
     done = iter(codes)
     out: list[Encoded | Failed] = []
     for item, r in zip(unit, read, strict=True):
@@ -100,22 +142,50 @@ def _original(r: Audio) -> tuple[int, int, int]:
     return r.sample_rate, r.num_samples, r.channels
 
 
-def _encode(model: MimiModel, num_codebooks: int, audios: list[np.ndarray]) -> list[np.ndarray]:
-    """audios: float32 [T_i] at 24 kHz → codes int16 [K, ceil(T_i / frame_size)] each.
+class _PendingCodes:
+    """Codes on their way to the host: copied as soon as the device has them, without the host
+    waiting (pinned memory and an event on CUDA), so that later work queued behind them is not
+    waited for too."""
+
+    def __init__(self, codes: torch.Tensor, frames: list[int]) -> None:
+        import torch
+
+        self.frames = frames
+        self.event = None
+        if codes.device.type == "cuda":
+            self.host = torch.empty(codes.shape, dtype=torch.int16, pin_memory=True)
+            self.host.copy_(codes.to(torch.int16), non_blocking=True)  # codes < 2048: a quarter of the bytes
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = codes
+
+    def wait(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        codes = self.host.numpy().astype(np.int16)
+        return [codes[row, :, :frames] for row, frames in enumerate(self.frames)]
+
+
+def _launch(model: MimiModel, num_codebooks: int, audios: list[np.ndarray]) -> _PendingCodes:
+    """audios: float32 [T_i] at 24 kHz → codes int16 [K, ceil(T_i / frame_size)] each, once waited for.
 
     Padded to whole frames, then to the longest, and pushed through the streaming encoder in the
-    chunks `codec.encode_file` uses: the codes of a unit of one are those `mimi encode` writes.
+    chunks `codec.encode_file` uses: the codes of a unit of one are those `mimi encode` writes. On
+    CUDA the batch goes to the device in one copy from pinned memory, queued without waiting.
     """
     import torch
 
     from ..model import StreamingEncoder
 
     padded = [whole_frames(a) for a in audios]
-    batch = torch.zeros(len(padded), 1, max(map(len, padded)))
+    cuda = model.device.type == "cuda"
+    batch = torch.zeros(len(padded), 1, max(map(len, padded)), pin_memory=cuda)
     for row, samples in enumerate(padded):
         batch[row, 0, : len(samples)] = torch.from_numpy(samples)
+    batch = batch.to(model.device, non_blocking=True)
     encoder = StreamingEncoder(model, num_codebooks)
     chunk = max(1, round(CHUNK_SECONDS * FRAME_RATE)) * FRAME_SIZE
     pieces = [encoder.push(batch[..., start : start + chunk]) for start in range(0, batch.shape[-1], chunk)]
-    codes = torch.cat([*pieces, encoder.finish()], dim=-1).cpu().numpy().astype(np.int16)
-    return [codes[row, :, : len(samples) // FRAME_SIZE] for row, samples in enumerate(padded)]
+    codes = torch.cat([*pieces, encoder.finish()], dim=-1)
+    return _PendingCodes(codes, [len(samples) // FRAME_SIZE for samples in padded])

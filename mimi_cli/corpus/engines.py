@@ -16,14 +16,14 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import MimiError
-from .encoding import Audio, Encoded, Failed, encode_unit, read_unit
+from .encoding import Audio, Encoded, Failed, Launched, encode_unit, finish_unit, launch_unit, read_unit
+from .readers import Pending, reading_pool
 from .shards import Shard, write_shard
 from .sources import CellReader, Input
 
@@ -84,24 +84,40 @@ def run_local(
     assembler: Assembler,
     audio_column: str,
     workers: int,
+    processes: bool = False,
 ) -> None:
-    """Read units in `workers` threads (a few ahead), encode each on the model, hand them over in order."""
-    cells = CellReader(audio_column)
+    """Read inputs in `workers` threads (or processes), encode each unit, hand them over in order.
+
+    Inputs are read one per task, so that all the readers work on a unit of `--batch-size` inputs;
+    reads run ahead by two units, or by twice the readers' count of inputs when units are small.
+    One unit is in flight on the model's device while the next is read, batched and queued.
+    """
     units = [(s.index, u, unit) for s in shards for u, unit in enumerate(s.units(assembler.batch_size))]
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="mimi-read") as pool:
-        ahead: deque[tuple[int, int, list[Input], Future]] = deque()
+    workers = max(1, workers)
+    with reading_pool(workers, processes, audio_column) as submit:
+        ahead: deque[tuple[int, int, list[Input], list[Pending]]] = deque()
         pending = iter(units)
-        try:
-            while True:
-                while len(ahead) < 2 * max(1, workers) and (entry := next(pending, None)) is not None:
-                    ahead.append((*entry, pool.submit(read_unit, entry[2], cells)))
-                if not ahead:
+        reading = 0  # inputs submitted and not yet handed to the model
+        in_flight: tuple[int, int, Launched] | None = None  # queued on the device, not yet collected
+        while True:
+            while len(ahead) < 2 or reading < 2 * workers:
+                entry = next(pending, None)
+                if entry is None:
                     break
-                shard, u, unit, future = ahead.popleft()
-                assembler.add(shard, u, encode_unit(model, num_codebooks, unit, future.result()))
-        finally:
-            for *_, future in ahead:
-                future.cancel()
+                shard, u, unit = entry
+                ahead.append((shard, u, unit, [submit(item) for item in unit]))
+                reading += len(unit)
+            if not ahead:
+                break
+            shard, u, unit, waits = ahead.popleft()
+            reading -= len(unit)
+            read = [result for wait in waits for result in wait()]
+            launched = launch_unit(model, num_codebooks, unit, read)
+            if in_flight is not None:  # collected once the next unit is queued behind it
+                assembler.add(in_flight[0], in_flight[1], finish_unit(in_flight[2]))
+            in_flight = (shard, u, launched)
+        if in_flight is not None:
+            assembler.add(in_flight[0], in_flight[1], finish_unit(in_flight[2]))
 
 
 # ---------------------------------------------------------------------------------------------- ray

@@ -27,7 +27,8 @@ class TokenizeOptions:
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 1
-    workers: int = 2
+    workers: int | None = None  # readers (local engine); None: `device.default_workers`
+    reader_processes: bool | None = None  # local engine; None: processes when the model is on CUDA
     actors: int | None = None
     force: bool = False
 
@@ -76,7 +77,13 @@ def tokenize(
 
     assembler = Assembler(out_dir, todo, opts.batch_size, carried, progress)
     if todo and opts.engine == "local":
-        run_local(model, opts.codebooks, todo, assembler, opts.audio_column, opts.workers)
+        from ..device import default_workers
+
+        workers = opts.workers or default_workers(model.device)
+        processes = opts.reader_processes
+        if processes is None:  # beside a GPU the model's thread needs the interpreter lock (`readers`)
+            processes = model.device.type == "cuda" and workers > 1
+        run_local(model, opts.codebooks, todo, assembler, opts.audio_column, workers, processes)
     elif todo:
         load = {"source": opts.weights or str(model.source), "device": opts.device, "dtype": opts.dtype}
         run_ray(opts.address, load, opts.codebooks, todo, assembler, opts.audio_column, opts.actors)
