@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mimi_cli import load_model
-from mimi_cli.device import default_workers, resolve_dtype, set_tf32, to_device
+from mimi_cli.device import configure_cuda, default_workers, resolve_dtype, set_tf32, to_device
 from mimi_cli.model.quantizer import Codebook
 
 CUDA = torch.device("cuda")  # a name only: resolve_dtype does not touch the device
@@ -45,6 +45,30 @@ def test_default_workers_use_every_core_beside_a_gpu(monkeypatch, cores, cpu, cu
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert default_workers(torch.device("cpu")) == cpu
     assert default_workers(CUDA) == cuda
+
+
+@pytest.mark.parametrize(
+    "dtype, tf32, autotune",
+    [("float32", False, True), ("fp32", False, True), ("tf32", True, False), ("bfloat16", False, False),
+     ("float16", False, False)],
+)  # fmt: skip
+def test_configure_cuda_autotunes_ieee_float32_only(dtype, tf32, autotune):
+    """cuDNN's heuristics gave IEEE float32 plans with 74 GiB of workspace (see `configure_cuda`)."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        configure_cuda(dtype)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+        assert torch.backends.cudnn.benchmark is autotune
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = saved
 
 
 def test_set_tf32_sets_both_flags():

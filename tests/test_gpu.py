@@ -325,3 +325,4 @@ def test_cli_sets_tf32_from_dtype(full_weights, setting, expected):
         assert model.dtype == torch.float32
         assert torch.backends.cuda.matmul.allow_tf32 is expected
         assert torch.backends.cudnn.allow_tf32 is expected
+        assert torch.backends.cudnn.benchmark is (setting == "float32")  # configure_cuda

@@ -193,14 +193,14 @@ def check_paths(src: str, dst: str, force: bool) -> None:
 def load_weights(weights: str | None, device: str, dtype: str, quiet: bool) -> MimiModel:
     """The model; a first download from the hub shows a bar on a terminal unless `quiet`."""
     from ..allocator import keep_freed_memory
-    from ..device import resolve_device, resolve_dtype, set_tf32
+    from ..device import configure_cuda, resolve_device, resolve_dtype
     from ..weights import load_model
 
     keep_freed_memory()  # every chunk's activations reuse freed memory instead of fresh pages
     torch_device = resolve_device(device)  # a bad device fails before the weights are read
     torch_dtype = resolve_dtype(dtype, torch_device)
     if torch_device.type == "cuda":  # float32 is IEEE float32 unless tf32 is asked for
-        set_tf32(dtype.lower() == "tf32")
+        configure_cuda(dtype)
     with download_bar(not quiet) as progress:
         return load_model(weights, torch_device, torch_dtype, progress)
 
