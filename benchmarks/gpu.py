@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +58,10 @@ from signals import speech_like  # noqa: E402
 from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli import load_model  # noqa: E402
-from mimi_cli.audio import read_audio, resample  # noqa: E402
+from mimi_cli.audio import read_audio, resample, write_audio  # noqa: E402
 from mimi_cli.codec import whole_frames  # noqa: E402
 from mimi_cli.config import DEFAULT_CODEBOOKS, FRAME_SIZE, SAMPLE_RATE, MimiConfig  # noqa: E402
-from mimi_cli.device import set_tf32, to_device  # noqa: E402
+from mimi_cli.device import configure_cuda, to_device  # noqa: E402
 from mimi_cli.model import StreamingDecoder, StreamingEncoder  # noqa: E402
 
 SEED = 1234
@@ -71,7 +70,7 @@ BATCH_SIZES = (1, 8, 32, 128)
 SETTINGS = ("float32", "tf32", "bfloat16")  # float32 = IEEE (TF32 off); tf32 = float32 tensors, TF32 math
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16}
 CORPUS_RATES = (8_000, 16_000, 22_050, 24_000, 44_100, 48_000)
-CORPUS_FORMATS = ((".wav", "PCM_16"), (".flac", "PCM_16"), (".ogg", "VORBIS"))
+CORPUS_FORMATS = (".wav", ".flac", ".ogg")
 WARM_FRAMES = 150  # 12 s: the attention window (10 s) is full before frames are timed
 TIMED_FRAMES = 200
 
@@ -93,6 +92,7 @@ class Plan:
         self.corpus_seconds = (0.5, 2.0) if smoke else (args.min_seconds, args.max_seconds)
         self.tokenize_batch = 2 if smoke else args.tokenize_batch_size
         self.tokenize_dtype = "float32" if self.device.type != "cuda" else args.tokenize_dtype
+        self.tokenize_jobs = 2 if smoke else args.tokenize_jobs
         self.warm_frames, self.timed_frames = (3, 5) if smoke else (WARM_FRAMES, TIMED_FRAMES)
         self.sections = args.sections
 
@@ -120,13 +120,20 @@ def measure(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[
 
 @contextlib.contextmanager
 def precision(setting: str) -> Iterator[None]:
-    """TF32 on for the "tf32" setting only; torch's flags restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    set_tf32(setting == "tf32")
+    """The CLI's CUDA settings for `setting` (`configure_cuda`: TF32 for "tf32" only, cuDNN autotuned
+    in IEEE float32), for both implementations; torch's flags restored after."""
+    backends = torch.backends
+    saved = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark
+    configure_cuda(setting)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark = saved
+
+
+def note(line: str) -> None:
+    """A progress line on stderr (the report comes at the end; a run cut short still says how far it got)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -253,19 +260,19 @@ def make_corpus(folder: Path, count: int, seconds: tuple[float, float], seed: in
     specs = []
     for i in range(count):
         rate = CORPUS_RATES[i % len(CORPUS_RATES)]
-        suffix, subtype = CORPUS_FORMATS[(i // len(CORPUS_RATES)) % len(CORPUS_FORMATS)]
+        suffix = CORPUS_FORMATS[(i // len(CORPUS_RATES)) % len(CORPUS_FORMATS)]
         length = float(rng.uniform(*seconds))
         start = int(rng.uniform(0, longest * 3) * SAMPLE_RATE)
         stereo = i % 3 == 0
         path = folder / f"part{i % 7}" / f"clip{i:04}{suffix}"
-        specs.append((path, rate, subtype, sources[i % 4], start, length, stereo))
+        specs.append((path, rate, sources[i % 4], start, length, stereo))
 
     def write(spec: tuple) -> float:
-        path, rate, subtype, source, start, length, stereo = spec
+        path, rate, source, start, length, stereo = spec
         mono = resample(source[start : start + int(length * SAMPLE_RATE)], SAMPLE_RATE, rate)
         audio = np.stack([mono, 0.8 * mono], axis=1) if stereo else mono
         path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, audio, rate, subtype=subtype)
+        write_audio(path, audio, rate)  # 16-bit WAV/FLAC, Vorbis; long Ogg written safely in blocks
         return len(mono) / rate
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
@@ -326,6 +333,7 @@ def run_tokenize(plan: Plan, folder: Path, corpus: Path, out: Path, audio_second
     command = [
         sys.executable, "-m", "mimi_cli", "tokenize", str(corpus), str(out),
         "--device", str(plan.device), "--batch-size", str(plan.tokenize_batch), "--json",
+        "--jobs", str(plan.tokenize_jobs),
         "--weights", str(folder), "--codebooks", str(plan.codebooks),
     ]  # fmt: skip
     if plan.tokenize_dtype != "float32":
@@ -416,12 +424,16 @@ def bench_tokenize(plan: Plan, folder: Path, workdir: Path) -> dict[str, Any]:
     made = time.perf_counter() - made
     paths = sorted(p for p in corpus.rglob("*") if p.is_file())
     hours = audio_seconds / 3600
+    note(f"tokenize: corpus of {len(paths)} files, {hours:.2f} h of audio, made in {made:.0f} s")
     result: dict[str, Any] = {"files": len(paths), "audio_hours": hours, "corpus_made_s": made}
     result["end_to_end"] = run_tokenize(plan, folder, corpus, workdir / "tokens", audio_seconds)
+    note(f"tokenize: end to end {result['end_to_end'].get('wall_s', float('nan')):.1f} s")
 
     workers = os.cpu_count() or 1
     cpu_wall, loaded, stages = cpu_side(paths, workers)
+    note(f"tokenize: CPU side alone {cpu_wall:.1f} s")
     gpu_wall, codes = gpu_side(plan, folder, loaded)
+    note(f"tokenize: GPU side alone {gpu_wall:.1f} s")
     write_s = write_side(codes, workdir)
     result["cpu_side"] = {"workers": workers, "wall_s": cpu_wall, "hours_per_hour": audio_seconds / cpu_wall}
     result["gpu_side"] = {"wall_s": gpu_wall, "hours_per_hour": audio_seconds / gpu_wall}
@@ -532,6 +544,13 @@ def print_tokenize(env: dict, tokenize: dict) -> None:
             f"end to end: {e2e['hours_per_hour']:.0f} h of audio per hour ({e2e['wall_s']:.1f} s, start-up "
             f"included; goal 2,000), GPU busy {busy}"
         )
+        inside = (e2e.get("summary") or {}).get("seconds")
+        if inside:
+            rate = tokenize["audio_hours"] * 3600 / inside
+            print(
+                f"  of which tokenize() itself (model load included): {inside:.1f} s, {rate:.0f} h/h; "
+                f"process start-up {e2e['wall_s'] - inside:.1f} s"
+            )
     print(f"CPU side alone (read + resample, {cpu['workers']} threads): {cpu['hours_per_hour']:.0f} h/h")
     batch, dtype = env["tokenize_batch"], env["tokenize_dtype"]
     print(f"GPU side alone (model, pre-loaded batches of {batch}, {dtype}): {gpu['hours_per_hour']:.0f} h/h")
@@ -559,6 +578,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=55.0, help="longest corpus file")
     parser.add_argument("--tokenize-batch-size", type=int, default=64)
     parser.add_argument("--tokenize-dtype", default="bfloat16", choices=SETTINGS)
+    parser.add_argument(
+        "--tokenize-jobs", type=int, default=os.cpu_count() or 1, help="`mimi tokenize --jobs` (readers)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -592,6 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         "clip_seconds": plan.clip_seconds,
         "tokenize_batch": plan.tokenize_batch,
         "tokenize_dtype": plan.tokenize_dtype,
+        "tokenize_jobs": plan.tokenize_jobs,
     }
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mimi-bench-gpu-") as tmp:

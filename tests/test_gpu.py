@@ -45,8 +45,8 @@ MAX_FRAMES_DIFFERING = 0.01  # share of frames (at least 1 allowed)
 
 # Agreement of each faster setting with CUDA float32 (TF32 off), on the 61 s signal and 32 codebooks:
 #   (least share of codes equal to float32's, least SNR in dB of decoding float32's codes in that setting)
-# Measured on an H100 (torch 2.11, CUDA 13.0), full-size random weights: tf32 90.6 % and 61.5 dB,
-# float16 90.6 % and 57.7 dB, bfloat16 54.3 % and 39.4 dB (README, "Which dtype"). The bounds sit a
+# Measured on an H100 (torch 2.11, CUDA 13.0), full-size random weights: tf32 90.3 % and 61.5 dB,
+# float16 91.8 % and 57.7 dB, bfloat16 54.6 % and 39.4 dB (README, "Which dtype"). The bounds sit a
 # margin below, well above what a broken path gives (garbage codes agree ~0.05 %; NaN gives no SNR).
 DTYPE_THRESHOLDS: dict[str, tuple[float, float]] = {
     "tf32": (0.85, 55.0),

@@ -18,8 +18,9 @@ DEFAULT_CHUNK_FRAMES = 500
 # that divides the codec's 8 s chunks and the 40 s above, so that every piece of a long input has
 # the same shape and the convolution kernels set up for the first piece serve all the others.
 SEANET_PIECE_FRAMES = 50
-# On CUDA pieces twice as long (8 s, the codec's chunk): fewer launches, and float32 convolutions of
-# 4 s pieces made cuDNN pick plans with tens of GiB of workspace on an H100 (benchmarks/README.md).
+# On CUDA pieces twice as long (8 s, the codec's chunk): half the launches. (In IEEE float32 cuDNN's
+# heuristics also gave 4 s pieces of a batch of 32 an FFT plan with tens of GiB of workspace on an
+# H100; other shapes got it too, which `device.configure_cuda` avoids by autotuning.)
 CUDA_SEANET_PIECE_FRAMES = 100
 
 
