@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,10 +30,11 @@ _cells: CellReader | None = None  # a reader process's own
 def reading_pool(workers: int, processes: bool, audio_column: str) -> Iterator[Submit]:
     """`submit(input)` → a call that waits for that input's read, in `workers` threads or processes.
 
-    Reader processes are spawned (never forked from a process that may hold a CUDA context) and
-    ignore SIGINT from their first instruction: a terminal's Ctrl-C reaches the whole process group,
-    and it is the driver's to handle (it ends the readers when it leaves the block). A reader that
-    dies (a crash in a decoder) fails the run with a MimiError instead of hanging it.
+    Reader processes are forked, all at the first submit, with SIGINT blocked; each then ignores it
+    for good. A terminal's Ctrl-C reaches the whole process group, and it is the driver's to handle
+    (it ends the readers when it leaves the block). Forked readers never touch the GPU, as PyTorch's
+    DataLoader workers do not. A reader that dies (a crash in a decoder) fails the run with a MimiError
+    instead of hanging it.
     """
     if not processes:
         cells = CellReader(audio_column)
@@ -44,14 +44,18 @@ def reading_pool(workers: int, processes: bool, audio_column: str) -> Iterator[S
         finally:
             threads.shutdown(wait=True, cancel_futures=True)
         return
-    context = multiprocessing.get_context("spawn")
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
     pool = ProcessPoolExecutor(
         workers, mp_context=context, initializer=_start_reader, initargs=(audio_column,)
     )
+    started = False
 
     def submit(item: Input) -> Pending:
-        with _children_ignore_sigint():  # a submit may start a reader process
-            future = pool.submit(_read_in_reader, item)
+        nonlocal started
+        with _sigint_blocked() if not started else contextlib.nullcontext():
+            future = pool.submit(_read_in_reader, item)  # the first submit starts every reader
+        started = True
         return lambda: _result(future, item)
 
     try:
@@ -70,29 +74,25 @@ def _result(future: Future[list[Audio | Failed]], item: Input) -> list[Audio | F
 
 
 @contextlib.contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
-    """Processes started in the block inherit SIGINT ignored (a disposition survives exec; Python keeps
-    an ignored SIGINT ignored). Here a Ctrl-C that comes meanwhile stays pending (blocked, Linux keeps a
-    blocked signal even while it is ignored) and reaches the handler when the block ends."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield  # signal dispositions are the main thread's to change (and Windows has no masks)
-        return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    if signal.SIGINT in signal.sigpending():  # came just now: ignoring it below would discard it
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked for the calling thread, and so for the processes it forks meanwhile. The driver
+    loses nothing: a Ctrl-C that comes meanwhile is taken by another thread or waits for the block's
+    end, and Python's handler then runs in the main thread as always."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
         return
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _start_reader(audio_column: str) -> None:
     global _cells
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # then unblocked: a Ctrl-C is the driver's
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _cells = CellReader(audio_column)
 
 
