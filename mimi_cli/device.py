@@ -97,8 +97,9 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
 
 
-def default_workers(device: torch.device) -> int:
-    """Reading/writing threads for folders and corpora: every core when the model runs on a GPU (the
-    cores only read, resample and write, and must keep the GPU fed), else up to 4 beside the model."""
+def default_workers(device: torch.device, processes: bool = False) -> int:
+    """Reading/writing workers for folders and corpora: every core for reader processes beside a GPU
+    (the cores only read and resample, and must keep the GPU fed), else up to 4. Threads stay at 4
+    beside a GPU too: more of them take the interpreter lock from the thread that drives the GPU."""
     cores = os.cpu_count() or 1
-    return cores if device.type == "cuda" else min(4, cores)
+    return cores if device.type == "cuda" and processes else min(4, cores)

@@ -40,11 +40,13 @@ def test_unknown_dtype_lists_the_choices():
         resolve_dtype("float64", CUDA)
 
 
-@pytest.mark.parametrize("cores, cpu, cuda", [(16, 4, 16), (2, 2, 2), (1, 1, 1)])
-def test_default_workers_use_every_core_beside_a_gpu(monkeypatch, cores, cpu, cuda):
+@pytest.mark.parametrize("cores, few", [(16, 4), (2, 2), (1, 1)])
+def test_default_workers_use_every_core_for_reader_processes_beside_a_gpu(monkeypatch, cores, few):
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    assert default_workers(torch.device("cpu")) == cpu
-    assert default_workers(CUDA) == cuda
+    assert default_workers(CUDA, processes=True) == cores
+    assert default_workers(CUDA, processes=False) == few  # threads would starve the GPU's thread
+    assert default_workers(torch.device("cpu"), processes=True) == few
+    assert default_workers(torch.device("cpu")) == few
 
 
 @pytest.mark.parametrize(

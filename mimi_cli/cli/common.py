@@ -87,7 +87,7 @@ JobsOpt = Annotated[
     typer.Option(
         "--jobs",
         "-j",
-        help="Folders: reading/writing workers, 1 = sequential \\[default: all cores on CUDA, else 4].",
+        help="Reading/writing workers, 1 = sequential \\[default: up to 4; tokenize on CUDA: all cores].",
         show_default=False,
     ),
 ]

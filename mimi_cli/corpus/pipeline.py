@@ -79,10 +79,10 @@ def tokenize(
     if todo and opts.engine == "local":
         from ..device import default_workers
 
-        workers = opts.workers or default_workers(model.device)
         processes = opts.reader_processes
         if processes is None:  # beside a GPU the model's thread needs the interpreter lock (`readers`)
-            processes = model.device.type == "cuda" and workers > 1
+            processes = model.device.type == "cuda"
+        workers = opts.workers or default_workers(model.device, processes)
         run_local(model, opts.codebooks, todo, assembler, opts.audio_column, workers, processes)
     elif todo:
         load = {"source": opts.weights or str(model.source), "device": opts.device, "dtype": opts.dtype}
