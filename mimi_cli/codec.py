@@ -352,19 +352,7 @@ def _decode_chunks(
 def _in_steps(chunks: Iterable[np.ndarray], step: int) -> Iterator[np.ndarray]:
     """Codes [K, f] chunks of any length regrouped into [K, step] pieces (the last one shorter): the
     container's chunks need not line up with the decoder's, and every call decodes a whole piece."""
-    pending: list[np.ndarray] = []
-    count = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        count += chunk.shape[1]
-        if count < step:
-            continue
-        joined = np.concatenate(pending, axis=1) if len(pending) > 1 else chunk
-        whole = count - count % step
-        yield from (joined[:, start : start + step] for start in range(0, whole, step))
-        pending, count = [joined[:, whole:]], count - whole
-    if count:
-        yield np.concatenate(pending, axis=1)
+    return _rechunk(iter(chunks), step, pad_to=1, dtype=None)
 
 
 def _one_ahead(items: Iterator[T]) -> Iterator[T]:
@@ -382,10 +370,12 @@ def whole_frames(audio: np.ndarray) -> np.ndarray:
     return np.pad(audio, (0, -len(audio) % FRAME_SIZE))
 
 
-def _rechunk(blocks: Iterator[np.ndarray], size: int, pad_to: int) -> Iterator[np.ndarray]:
+def _rechunk(
+    blocks: Iterator[np.ndarray], size: int, pad_to: int, dtype: type | None = np.float32
+) -> Iterator[np.ndarray]:
     """Regroup blocks of any size into blocks of `size` samples; the last, shorter one is
     zero-padded to a multiple of `pad_to`."""
-    rechunker = Rechunker(size)
+    rechunker = Rechunker(size, dtype)
     for block in blocks:
         yield from rechunker.push(block)
     yield from rechunker.rest(pad_to)
@@ -394,31 +384,32 @@ def _rechunk(blocks: Iterator[np.ndarray], size: int, pad_to: int) -> Iterator[n
 class Rechunker:
     """Cuts a stream of samples pushed in blocks of any size into blocks of `size` as they complete.
 
-    Pushed blocks are kept as they are and joined once a whole block is there: each sample is copied
-    once, however small the pushed blocks are.
+    Samples lie along the last axis (audio [n], or codes [K, n]). Pushed blocks are kept as they are
+    and joined once a whole block is there: each sample is copied once, however small the pushed
+    blocks are. `dtype`: what pushed blocks are cast to (None: kept as they come).
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, dtype: type | None = np.float32) -> None:
+        self.size, self.dtype = size, dtype
         self._pending: list[np.ndarray] = []
         self._count = 0
 
     def push(self, audio: np.ndarray) -> Iterator[np.ndarray]:
-        if len(audio):
-            self._pending.append(audio.astype(np.float32, copy=False))
-            self._count += len(audio)
+        if audio.shape[-1]:
+            self._pending.append(audio if self.dtype is None else audio.astype(self.dtype, copy=False))
+            self._count += audio.shape[-1]
         while self._count >= self.size:
-            joined = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
-            rest = joined[self.size :]
-            self._pending, self._count = ([rest] if len(rest) else []), len(rest)
-            yield joined[: self.size]
+            joined = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=-1)
+            rest = joined[..., self.size :]
+            self._pending, self._count = ([rest] if rest.shape[-1] else []), rest.shape[-1]
+            yield joined[..., : self.size]
 
     def rest(self, pad_to: int) -> Iterator[np.ndarray]:
         """What is left (shorter than `size`), zero-padded to a multiple of `pad_to`; nothing if empty."""
         if self._count:
-            last = np.concatenate(self._pending)
+            last = np.concatenate(self._pending, axis=-1)
             self._pending, self._count = [], 0
-            yield np.pad(last, (0, -len(last) % pad_to))
+            yield np.pad(last, [(0, 0)] * (last.ndim - 1) + [(0, -last.shape[-1] % pad_to)])
 
 
 class _TrimmedOutput:
