@@ -163,7 +163,7 @@ class _PendingCodes:
     def wait(self) -> list[np.ndarray]:
         if self.event is not None:
             self.event.synchronize()
-        codes = self.host.numpy().astype(np.int16)
+        codes = self.host.numpy().astype(np.int16, copy=False)  # already int16 from CUDA
         return [codes[row, :, :frames] for row, frames in enumerate(self.frames)]
 
 
