@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from mimi_cli.config import MimiConfig
 from mimi_cli.model import conv as conv_module
+from mimi_cli.model import quantizer as quantizer_module
 from mimi_cli.model.conv import CausalConv1d, CausalConvTranspose1d
-from mimi_cli.model.linear import Linear
+from mimi_cli.model.linear import Linear, frame_layout, weight_times_rows
+from mimi_cli.model.quantizer import Codebook
 from mimi_cli.model.stream import Stream
 from mimi_cli.model.transformer import Transformer, sliding_window_attention
 
@@ -69,40 +71,95 @@ def test_causal_conv_equals_padded_torch_conv(stride, kernel, dilation, mode, le
 
 @pytest.mark.parametrize("shape", [(1, 2, 24), (2, 1, 24), (2, 24), (1, 1, 24), (1, 3, 24)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_frame_linear_equals_nn_linear(shape, bias):
-    layer = Linear(24, 40, bias=bias)
-    assert set(layer.state_dict()) == set(torch.nn.Linear(24, 40, bias=bias).state_dict())
-    x = torch.randn(shape)
+@pytest.mark.parametrize("scale", [1, 64])  # 64: inputs 1536, summed from three pieces of 512
+def test_one_frame_linear_equals_nn_linear(shape, bias, scale):
+    features = shape[-1] * scale
+    layer = Linear(features, 40, bias=bias)
+    assert set(layer.state_dict()) == set(torch.nn.Linear(features, 40, bias=bias).state_dict())
+    x = torch.randn(*shape[:-1], features)
     with torch.inference_mode():
         out = layer(x)
     assert out.shape == (*shape[:-1], 40) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    if x.numel() == 2 * features:  # a two-row call: the weight in its derived layout
+        assert layer.frame_weight.shape == ((3, 40, 512) if scale > 1 else (40, features))
+        assert "frame_weight" not in layer.state_dict()
+
+
+def test_frame_layout_cuts_only_whole_pieces():
+    assert frame_layout(torch.zeros(8, 512)).shape == (8, 512)
+    assert frame_layout(torch.zeros(8, 700)).shape == (8, 700)
+    weight = torch.randn(8, 2048)
+    pieces = frame_layout(weight)
+    assert pieces.shape == (4, 8, 512) and pieces.is_contiguous()
+    torch.testing.assert_close(torch.cat(list(pieces), dim=1), weight, rtol=0, atol=0)
 
 
 def _conv2d_forbidden(*args, **kwargs):
     raise AssertionError("a two-output call must be computed as one matrix product, not by F.conv2d")
 
 
-@pytest.mark.parametrize("kernel, stride, length", [(8, 4, 8), (3, 1, 2), (16, 8, 9), (1, 1, 2)])
-def test_two_output_conv_as_a_product_equals_torch_conv(monkeypatch, kernel, stride, length):
-    layer = CausalConv1d(6, 5, kernel, stride)
-    x = torch.randn(1, 6, length)
+@pytest.mark.parametrize(
+    "channels, kernel, stride, length",
+    [(6, 8, 4, 8), (6, 3, 1, 2), (6, 16, 8, 9), (6, 1, 1, 2), (64, 16, 8, 9)],  # last: rows of 2 × 512
+)
+def test_two_output_conv_as_a_product_equals_torch_conv(monkeypatch, channels, kernel, stride, length):
+    layer = CausalConv1d(channels, 5, kernel, stride)
+    x = torch.randn(1, channels, length)
     expected = layer.conv(F.pad(x, ((kernel - 1) + 1 - stride, -length % stride)))
     assert expected.shape[-1] == 2
     monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert layer.frame_kernel.dim() == (3 if channels * kernel > 512 else 2)
 
 
-def test_two_step_transposed_conv_as_a_product_equals_torch(monkeypatch):
-    layer = CausalConvTranspose1d(6, 4, 8, 4)
-    x = torch.randn(1, 6, 2)
+@pytest.mark.parametrize("channels", [6, 512])  # 512: rows of 2 taps × 512, two pieces
+def test_two_step_transposed_conv_as_a_product_equals_torch(monkeypatch, channels):
+    layer = CausalConvTranspose1d(channels, 4, 8, 4)
+    x = torch.randn(1, channels, 2)
     expected = layer.conv(x)[..., :8]
     monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_one_row_quantizer_call_takes_the_two_row_product(monkeypatch):
+    codebook = Codebook(64, 16)
+    with torch.no_grad():
+        codebook.embed_sum.normal_()
+        codebook.cluster_usage.uniform_(0.5, 2.0)
+    codebook.prepare()  # centroids are derived from the sums on first use
+    rows = torch.randn(40, 16)
+    whole = codebook.nearest(rows)
+    calls = []
+
+    def counted(weight, x, bias):
+        calls.append(x.shape)
+        return weight_times_rows(weight, x, bias)
+
+    monkeypatch.setattr(quantizer_module, "weight_times_rows", counted)
+    one_by_one = torch.cat([codebook.nearest(rows[i : i + 1]) for i in range(rows.shape[0])])
+    assert calls == [(2, 18)] * rows.shape[0]
+    assert torch.equal(one_by_one, whole)
+    assert whole.unique().numel() > 10  # the check means something
+
+
+def test_prepare_forgets_what_one_frame_calls_derived(tiny_weights):
+    """Weights changed after a one-frame run must not leave stale derived copies in use."""
+    from mimi_cli import load_model
+    from mimi_cli.model import StreamingDecoder, StreamingEncoder
+
+    model = load_model(tiny_weights)
+    codes = StreamingEncoder(model, 8).push(torch.randn(1, 1, 1920) * 0.1)
+    StreamingDecoder(model).push(codes)
+    derived = ("frame_weight", "frame_kernel", "qkv_weight", "kernel")
+    made = [n for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in derived and b.numel()]
+    assert any(n.endswith("qkv_weight") for n in made) and any(n.endswith("frame_kernel") for n in made)
+    model.prepare()
+    assert [n for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in derived and b.numel()] == []
 
 
 def test_transformer_streamed_in_uneven_calls_equals_one_pass():
@@ -126,6 +183,7 @@ def test_transformer_streamed_in_uneven_calls_equals_one_pass():
                 buffers.add(stream.state(attention, lambda: None).buffer.data_ptr())
     torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=1e-5, atol=1e-5)
     assert len(buffers) == 1
+    assert attention.qkv_weight.shape == (96, 32)  # two-step calls took the stacked projection
 
 
 def test_half_precision_plumbing_keeps_the_quantizer_in_float32(tiny_weights):

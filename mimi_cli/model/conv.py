@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import ONE_FRAME_ROWS, weight_times_rows
+from .linear import ONE_FRAME_ROWS, frame_layout, weight_times_rows
 from .stream import Stream, layer_state
 
 
@@ -70,12 +70,17 @@ def _conv_time_major(
     stride: int = 1,
     dilation: int = 1,
     groups: int = 1,
+    layer: _FrameKernel | None = None,
 ) -> torch.Tensor:
-    """[B, T, C_in] → [B, T', C_out] with a channels-last [C_out, C_in, 1, k] kernel (a 2-d conv, H = 1)."""
-    if x.device.type == "cpu" and groups == 1 and dilation == 1:
+    """[B, T, C_in] → [B, T', C_out] with a channels-last [C_out, C_in, 1, k] kernel (a 2-d conv, H = 1).
+
+    A one-frame call (two outputs) of a dense convolution is one matrix product instead, reading the
+    weight in the layout `layer` keeps for it.
+    """
+    if layer is not None and x.device.type == "cpu" and groups == 1 and dilation == 1:
         count = (x.shape[1] - kernel.shape[-1]) // stride + 1
         if x.shape[0] * count == ONE_FRAME_ROWS:  # the big convolutions at 25 Hz, one frame streamed
-            return _conv_as_product(x, kernel, bias, stride, count)
+            return _conv_as_product(x, layer.frame_weight(kernel), bias, stride, count, kernel.shape[-1])
     y = F.conv2d(
         x.transpose(1, 2).unsqueeze(2), kernel, bias, (1, stride), dilation=(1, dilation), groups=groups
     )
@@ -83,23 +88,42 @@ def _conv_time_major(
 
 
 def _conv_as_product(
-    x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, stride: int, count: int
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, count: int, taps: int
 ) -> torch.Tensor:
     """The convolution of a one-frame call as one matrix product `W @ colsᵀ`, W read at memory speed.
 
     Time-major, the input an output sees is `taps` consecutive steps, one contiguous row of
-    `taps · C_in` values ordered (tap, channel), the order of the channels-last kernel's rows: the
-    kernel is W as it lies. See `linear.Linear` for why W is the left operand.
+    `taps · C_in` values ordered (tap, channel), the order of the channels-last kernel's rows
+    (`_FrameKernel`). See `linear.Linear` for why W is the left operand.
     """
     batch, _, in_channels = x.shape
-    out_channels, _, _, taps = kernel.shape
     x = x.contiguous()
     cols = x.as_strided((batch, count, taps * in_channels), (x.stride(0), stride * in_channels, 1))
-    weight = kernel.permute(0, 2, 3, 1).reshape(out_channels, -1)  # a view of the channels-last kernel
-    return weight_times_rows(weight, cols.reshape(batch * count, -1), bias).view(batch, count, out_channels)
+    y = weight_times_rows(weight, cols.reshape(batch * count, -1), bias)
+    return y.view(batch, count, y.shape[-1])
 
 
-class CausalConv1d(nn.Module):
+class _FrameKernel(nn.Module):
+    """The weight of one-frame calls: the channels-last kernel as [C_out, k · C_in] rows, in the
+    layout `linear.frame_layout` chooses (a copy for long rows), derived on the first such call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("frame_kernel", torch.empty(0), persistent=False)
+
+    def frame_weight(self, kernel: torch.Tensor) -> torch.Tensor:
+        if self.frame_kernel.numel() == 0:
+            rows = kernel.permute(0, 2, 3, 1).reshape(kernel.shape[0], -1)  # a view of the kernel
+            self.frame_kernel = frame_layout(rows)
+        return self.frame_kernel
+
+    def drop_derived(self) -> None:
+        """Forget the tensors derived from the weight (made again on first use)."""
+        self.kernel = self.conv.weight.new_empty(0)
+        self.frame_kernel = self.conv.weight.new_empty(0)
+
+
+class CausalConv1d(_FrameKernel):
     """Conv1d that sees only the past: x [B, L, C_in] → [B, ceil(L / stride), C_out] for a whole input.
 
     Streamed, the steps an output still lacks wait in the state; the end padding comes on the
@@ -137,10 +161,12 @@ class CausalConv1d(nn.Module):
         buffer, count = self.window.take(x, state, final)
         if count == 0:
             return x.new_zeros(x.shape[0], 0, conv.out_channels)
-        return _conv_time_major(buffer, self.kernel, conv.bias, conv.stride[0], conv.dilation[0], conv.groups)
+        return _conv_time_major(
+            buffer, self.kernel, conv.bias, conv.stride[0], conv.dilation[0], conv.groups, self
+        )
 
 
-class CausalConvTranspose1d(nn.Module):
+class CausalConvTranspose1d(_FrameKernel):
     """ConvTranspose1d trimmed on the right by `kernel - stride`: [B, L, C_in] → [B, L·stride, C_out].
 
     With `kernel = 2·stride` (as everywhere in Mimi), output block t (`stride` samples) is made of
@@ -199,7 +225,7 @@ class CausalConvTranspose1d(nn.Module):
             self.prepare()
         buffer, _ = self.window.take(x, state, final=False)  # the tail past the end is trimmed
         if self.conv.groups == 1:
-            y = _conv_time_major(buffer, self.kernel, self.phase_bias)  # [B, count, s · C_out]
+            y = _conv_time_major(buffer, self.kernel, self.phase_bias, layer=self)  # [B, count, s · C_out]
         else:
             previous, current = buffer[:, :-1, None, :], buffer[:, 1:, None, :]  # [B, count, 1, C]
             y = previous * self.kernel[0] + current * self.kernel[1]  # [B, count, s, C]

@@ -7,10 +7,11 @@ from torch import nn
 
 from ..config import MimiConfig
 from .conv import CausalConv1d, CausalConvTranspose1d
+from .linear import Linear
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetDecoder, SeanetEncoder
 from .stream import Stream
-from .transformer import Transformer
+from .transformer import Attention, Transformer
 
 # Long inputs are run this many frames at a time (40 s): bounded memory, same result.
 DEFAULT_CHUNK_FRAMES = 500
@@ -59,16 +60,18 @@ class MimiModel(nn.Module):
         return self.downsample.conv.weight.dtype
 
     def prepare(self) -> MimiModel:
-        """Drop the run-time tensors derived from the weights (convolution kernels, codebook centroids).
+        """Drop the run-time tensors derived from the weights (convolution kernels, codebook centroids,
+        the layouts one-frame calls read their weights in).
 
         Each is derived again on first use, so that a run pays (time and pages of a memory-mapped
-        weights file) only for the parts it uses: encoding never touches the decoder. Call after
-        loading or changing weights.
+        weights file) only for the parts it uses: encoding never touches the decoder, and only
+        streamed one-frame calls hold the one-frame layouts (~100 MB for each half of the model).
+        Call after loading or changing weights.
         """
         self.quantizer.prepare()
         for module in self.modules():
-            if isinstance(module, (CausalConv1d, CausalConvTranspose1d)):
-                module.kernel = module.conv.weight.new_empty(0)  # `forward` derives it when empty
+            if isinstance(module, (CausalConv1d, CausalConvTranspose1d, Linear, Attention)):
+                module.drop_derived()  # `forward` derives them when empty
         return self
 
     def encode_latents(self, audio: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:

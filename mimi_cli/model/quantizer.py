@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
+from .linear import ONE_FRAME_ROWS, weight_times_rows
 
 _USAGE_EPSILON = 1e-5  # floor of a codebook entry's usage count when turning sums into centroids
 
@@ -51,11 +52,18 @@ class Codebook(nn.Module):
         matrix product of [-2x, |x|², 1] with [e, 1, |e|²], clamped at 0, square root), so they round
         as the reference does and near-ties resolve to the same centroid; the centroids' half of
         that product is prepared once instead of on every call (it dominates one-frame calls).
+        A one-frame call (one row, on CPU) puts its row in twice and reads the table as the left
+        operand (`linear.weight_times_rows`): the BLAS reads it about twice as fast that way.
         """
         self.centroids()  # builds the distance table on first use
         norms = x.pow(2).sum(-1, keepdim=True)
-        padded = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)[None]
-        return padded.matmul(self.distance_table.mT).clamp_min_(0).sqrt_()[0].argmin(dim=-1)
+        padded = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
+        if padded.shape[0] == 1 and padded.device.type == "cpu":
+            rows = padded.expand(ONE_FRAME_ROWS, -1)
+            products = weight_times_rows(self.distance_table[0], rows, None)[:1]
+        else:
+            products = padded[None].matmul(self.distance_table.mT)[0]
+        return products.clamp_min_(0).sqrt_().argmin(dim=-1)
 
 
 class ResidualVectorQuantizer(nn.Module):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
-from .linear import Linear
+from .linear import ONE_FRAME_ROWS, Linear, weight_times_rows
 from .stream import Stream, layer_state
 
 
@@ -105,6 +105,10 @@ class Attention(nn.Module):
         self.k_proj = Linear(width, width, bias=False)
         self.v_proj = Linear(width, width, bias=False)
         self.o_proj = Linear(width, width, bias=False)
+        self.register_buffer("qkv_weight", torch.empty(0), persistent=False)  # see `_frame_qkv`
+
+    def drop_derived(self) -> None:
+        self.qkv_weight = self.q_proj.weight.new_empty(0)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream | None = None
@@ -118,15 +122,25 @@ class Attention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q = apply_rope(heads(self.q_proj(x)), cos, sin)
-        k = apply_rope(heads(self.k_proj(x)), cos, sin)
-        v = heads(self.v_proj(x))
+        if x.device.type == "cpu" and batch * steps == ONE_FRAME_ROWS:
+            q, k, v = self._frame_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = apply_rope(heads(q), cos, sin), apply_rope(heads(k), cos, sin), heads(v)
         num_past = 0
         if stream is not None:
             state, _ = layer_state(stream, self, _KeyValueWindow)
             k, v, num_past = state.append(k, v, keep=self.window - 1)
         out = sliding_window_attention(q, k, v, self.window, num_past)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+    def _frame_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v of a one-frame call from one product with the three weights stacked (derived on
+        first use): one [1536, 512] weight is read faster than three [512, 512] ones."""
+        if self.qkv_weight.numel() == 0:
+            self.qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv = weight_times_rows(self.qkv_weight, x.reshape(ONE_FRAME_ROWS, -1), None)
+        return qkv.view(*x.shape[:2], 3, -1).unbind(2)
 
 
 @dataclass
