@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mimi_cli.config import MimiConfig
 from mimi_cli.model import conv as conv_module
+from mimi_cli.model import onednn
 from mimi_cli.model import quantizer as quantizer_module
 from mimi_cli.model.conv import CausalConv1d, CausalConvTranspose1d
 from mimi_cli.model.linear import Linear, frame_layout, weight_times_rows
@@ -96,34 +99,59 @@ def test_frame_layout_cuts_only_whole_pieces():
 
 
 def _conv2d_forbidden(*args, **kwargs):
-    raise AssertionError("a two-output call must be computed as one matrix product, not by F.conv2d")
+    raise AssertionError("a CPU float32 convolution must run on its oneDNN-packed kernel, not F.conv2d")
 
 
 @pytest.mark.parametrize(
     "channels, kernel, stride, length",
-    [(6, 8, 4, 8), (6, 3, 1, 2), (6, 16, 8, 9), (6, 1, 1, 2), (64, 16, 8, 9)],  # last: rows of 2 × 512
+    [(6, 8, 4, 8), (6, 3, 1, 2), (6, 16, 8, 9), (6, 1, 1, 2), (64, 16, 8, 9), (6, 7, 1, 300)],
 )
-def test_two_output_conv_as_a_product_equals_torch_conv(monkeypatch, channels, kernel, stride, length):
+def test_cpu_conv_runs_on_a_packed_kernel(monkeypatch, channels, kernel, stride, length):
+    assert onednn.usable()  # (checked against F.conv2d once, before it is forbidden below)
     layer = CausalConv1d(channels, 5, kernel, stride)
     x = torch.randn(1, channels, length)
     expected = layer.conv(F.pad(x, ((kernel - 1) + 1 - stride, -length % stride)))
-    assert expected.shape[-1] == 2
     monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert layer.frame_kernel.dim() == (3 if channels * kernel > 512 else 2)
+    assert layer.packed is not None and layer.packed.is_mkldnn
+    assert layer.kernel.numel() == 0  # the channels-last copy was given up for the packed one
 
 
-@pytest.mark.parametrize("channels", [6, 512])  # 512: rows of 2 taps × 512, two pieces
-def test_two_step_transposed_conv_as_a_product_equals_torch(monkeypatch, channels):
+@pytest.mark.parametrize("channels, length", [(6, 2), (512, 2), (6, 40)])
+def test_cpu_transposed_conv_runs_on_a_packed_kernel(monkeypatch, channels, length):
+    assert onednn.usable()
     layer = CausalConvTranspose1d(channels, 4, 8, 4)
-    x = torch.randn(1, channels, 2)
-    expected = layer.conv(x)[..., :8]
+    x = torch.randn(1, channels, length)
+    expected = layer.conv(x)[..., : 4 * length]
     monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert layer.packed is not None
+
+
+def test_without_onednn_convs_fall_back_to_torch(monkeypatch):
+    monkeypatch.setattr(onednn, "usable", lambda: False)
+    layer, transposed = CausalConv1d(6, 5, 4, 2), CausalConvTranspose1d(5, 3, 4, 2)
+    x = torch.randn(1, 6, 20)
+    expected = transposed.conv(layer.conv(F.pad(x, (2, 0))))[..., :20]
+    with torch.inference_mode():
+        out = transposed(layer(x.transpose(1, 2))).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert layer.packed is None and transposed.packed is None and layer.kernel.numel() > 0
+
+
+def test_a_used_layer_copies_without_its_packed_kernel():
+    layer = CausalConv1d(6, 5, 3)
+    x = torch.randn(1, 12, 6)
+    with torch.inference_mode():
+        out = layer(x)
+        assert layer.packed is not None
+        twin = copy.deepcopy(layer)  # an opaque oneDNN tensor can't be copied: it is derived again
+        assert twin.packed is None
+        torch.testing.assert_close(twin(x), out, rtol=0, atol=0)
 
 
 def test_one_row_quantizer_call_takes_the_two_row_product(monkeypatch):
@@ -155,11 +183,17 @@ def test_prepare_forgets_what_one_frame_calls_derived(tiny_weights):
     model = load_model(tiny_weights)
     codes = StreamingEncoder(model, 8).push(torch.randn(1, 1, 1920) * 0.1)
     StreamingDecoder(model).push(codes)
-    derived = ("frame_weight", "frame_kernel", "qkv_weight", "kernel")
-    made = [n for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in derived and b.numel()]
-    assert any(n.endswith("qkv_weight") for n in made) and any(n.endswith("frame_kernel") for n in made)
+    derived = ("frame_weight", "qkv_weight", "kernel")
+
+    def made() -> list[str]:
+        buffers = [n for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in derived and b.numel()]
+        return buffers + [
+            f"{n}.packed" for n, m in model.named_modules() if getattr(m, "packed", None) is not None
+        ]
+
+    assert any(n.endswith("qkv_weight") for n in made()) and any(n.endswith(".packed") for n in made())
     model.prepare()
-    assert [n for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in derived and b.numel()] == []
+    assert made() == []
 
 
 def test_transformer_streamed_in_uneven_calls_equals_one_pass():

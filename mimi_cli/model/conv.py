@@ -3,7 +3,8 @@
 Activations are time-major, [B, T, C]: oneDNN's convolutions run much faster on that layout
 (channels last) than on [B, C, T], and a transposed convolution then needs no interleaving copy.
 Weights keep the released layout ([C_out, C_in, k], [C_in, C_out, k]); `prepare()` derives the
-kernels the run-time path uses.
+kernels the run-time path uses, which on CPU are handed to oneDNN once, in its own layout
+(`onednn.pack`), rather than on every call.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import ONE_FRAME_ROWS, frame_layout, weight_times_rows
+from . import onednn
 from .stream import Stream, layer_state
 
 
@@ -63,67 +64,49 @@ class _CausalWindow:
         return edge.new_zeros(edge.shape[0], length, edge.shape[2])
 
 
-def _conv_time_major(
-    x: torch.Tensor,
-    kernel: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int = 1,
-    dilation: int = 1,
-    groups: int = 1,
-    layer: _FrameKernel | None = None,
-) -> torch.Tensor:
-    """[B, T, C_in] → [B, T', C_out] with a channels-last [C_out, C_in, 1, k] kernel (a 2-d conv, H = 1).
+class _DerivedKernel(nn.Module):
+    """Owns the run-time kernel its subclass derives from `conv.weight` (`prepare`): channels-last
+    for `F.conv2d`, replaced on CPU by oneDNN's reordered copy (`onednn.pack`) on the first call."""
 
-    A one-frame call (two outputs) of a dense convolution is one matrix product instead, reading the
-    weight in the layout `layer` keeps for it.
-    """
-    if layer is not None and x.device.type == "cpu" and groups == 1 and dilation == 1:
-        count = (x.shape[1] - kernel.shape[-1]) // stride + 1
-        if x.shape[0] * count == ONE_FRAME_ROWS:  # the big convolutions at 25 Hz, one frame streamed
-            return _conv_as_product(x, layer.frame_weight(kernel), bias, stride, count, kernel.shape[-1])
-    y = F.conv2d(
-        x.transpose(1, 2).unsqueeze(2), kernel, bias, (1, stride), dilation=(1, dilation), groups=groups
-    )
-    return y.squeeze(2).transpose(1, 2)
-
-
-def _conv_as_product(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, count: int, taps: int
-) -> torch.Tensor:
-    """The convolution of a one-frame call as one matrix product `W @ colsᵀ`, W read at memory speed.
-
-    Time-major, the input an output sees is `taps` consecutive steps, one contiguous row of
-    `taps · C_in` values ordered (tap, channel), the order of the channels-last kernel's rows
-    (`_FrameKernel`). See `linear.Linear` for why W is the left operand.
-    """
-    batch, _, in_channels = x.shape
-    x = x.contiguous()
-    cols = x.as_strided((batch, count, taps * in_channels), (x.stride(0), stride * in_channels, 1))
-    y = weight_times_rows(weight, cols.reshape(batch * count, -1), bias)
-    return y.view(batch, count, y.shape[-1])
-
-
-class _FrameKernel(nn.Module):
-    """The weight of one-frame calls: the channels-last kernel as [C_out, k · C_in] rows, in the
-    layout `linear.frame_layout` chooses (a copy for long rows), derived on the first such call."""
+    conv: nn.Conv1d | nn.ConvTranspose1d
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("frame_kernel", torch.empty(0), persistent=False)
+        self.register_buffer("kernel", torch.empty(0), persistent=False)
+        self.packed: torch.Tensor | None = None  # not a buffer: CPU only, never moved, copied or saved
 
-    def frame_weight(self, kernel: torch.Tensor) -> torch.Tensor:
-        if self.frame_kernel.numel() == 0:
-            rows = kernel.permute(0, 2, 3, 1).reshape(kernel.shape[0], -1)  # a view of the kernel
-            self.frame_kernel = frame_layout(rows)
-        return self.frame_kernel
+    def prepare(self) -> None:
+        raise NotImplementedError
 
     def drop_derived(self) -> None:
         """Forget the tensors derived from the weight (made again on first use)."""
         self.kernel = self.conv.weight.new_empty(0)
-        self.frame_kernel = self.conv.weight.new_empty(0)
+        self.packed = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "packed": None}  # copies and pickles derive it again
+
+    def _derive(self, device: torch.device) -> None:
+        if self.kernel.numel() == 0 and (self.packed is None or device.type != "cpu"):
+            self.prepare()
+
+    def _convolve(
+        self, x: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, dilation: int = 1, groups: int = 1
+    ) -> torch.Tensor:
+        """[B, T, C_in] → [B, T', C_out]: a 2-d convolution (H = 1) of the time-major input."""
+        x = x.transpose(1, 2).unsqueeze(2)  # [B, C_in, 1, T], channels-last strides
+        if x.device.type == "cpu" and self.packed is None:
+            self.packed = onednn.pack(self.kernel, stride, dilation, groups, x.shape)
+            if self.packed is not None:
+                self.kernel = self.kernel.new_empty(0)  # the channels-last copy is not needed on CPU
+        if x.device.type == "cpu" and self.packed is not None:
+            y = onednn.conv(x, self.packed, bias, stride, dilation, groups)
+        else:
+            y = F.conv2d(x, self.kernel, bias, (1, stride), dilation=(1, dilation), groups=groups)
+        return y.squeeze(2).transpose(1, 2)
 
 
-class CausalConv1d(_FrameKernel):
+class CausalConv1d(_DerivedKernel):
     """Conv1d that sees only the past: x [B, L, C_in] → [B, ceil(L / stride), C_out] for a whole input.
 
     Streamed, the steps an output still lacks wait in the state; the end padding comes on the
@@ -146,7 +129,6 @@ class CausalConv1d(_FrameKernel):
             in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups, bias=bias
         )
         self.window = _CausalWindow((kernel_size - 1) * dilation + 1, stride, pad_mode)
-        self.register_buffer("kernel", torch.empty(0), persistent=False)
 
     @torch.no_grad()
     def prepare(self) -> None:
@@ -155,18 +137,15 @@ class CausalConv1d(_FrameKernel):
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
         state, final = layer_state(stream, self, _ConvState)
-        if self.kernel.numel() == 0:
-            self.prepare()
+        self._derive(x.device)
         conv = self.conv
         buffer, count = self.window.take(x, state, final)
         if count == 0:
             return x.new_zeros(x.shape[0], 0, conv.out_channels)
-        return _conv_time_major(
-            buffer, self.kernel, conv.bias, conv.stride[0], conv.dilation[0], conv.groups, self
-        )
+        return self._convolve(buffer, conv.bias, conv.stride[0], conv.dilation[0], conv.groups)
 
 
-class CausalConvTranspose1d(_FrameKernel):
+class CausalConvTranspose1d(_DerivedKernel):
     """ConvTranspose1d trimmed on the right by `kernel - stride`: [B, L, C_in] → [B, L·stride, C_out].
 
     With `kernel = 2·stride` (as everywhere in Mimi), output block t (`stride` samples) is made of
@@ -198,7 +177,6 @@ class CausalConvTranspose1d(_FrameKernel):
         )
         self.stride = stride
         self.window = _CausalWindow(2, 1, "constant")
-        self.register_buffer("kernel", torch.empty(0), persistent=False)
         self.register_buffer("phase_bias", None, persistent=False)
 
     @torch.no_grad()
@@ -221,11 +199,10 @@ class CausalConvTranspose1d(_FrameKernel):
         batch, channels, count = x.shape[0], self.conv.out_channels, x.shape[1]
         if count == 0:
             return x.new_zeros(batch, 0, channels)
-        if self.kernel.numel() == 0:
-            self.prepare()
+        self._derive(x.device)
         buffer, _ = self.window.take(x, state, final=False)  # the tail past the end is trimmed
         if self.conv.groups == 1:
-            y = _conv_time_major(buffer, self.kernel, self.phase_bias, layer=self)  # [B, count, s · C_out]
+            y = self._convolve(buffer, self.phase_bias)  # [B, count, s · C_out]
         else:
             previous, current = buffer[:, :-1, None, :], buffer[:, 1:, None, :]  # [B, count, 1, C]
             y = previous * self.kernel[0] + current * self.kernel[1]  # [B, count, s, C]
