@@ -13,7 +13,7 @@ from mimi_cli.model import conv as conv_module
 from mimi_cli.model import onednn
 from mimi_cli.model import quantizer as quantizer_module
 from mimi_cli.model.conv import CausalConv1d, CausalConvTranspose1d
-from mimi_cli.model.linear import Linear, frame_layout, weight_times_rows
+from mimi_cli.model.linear import PACK_MIN_VALUES, Linear, weight_times_rows
 from mimi_cli.model.quantizer import Codebook
 from mimi_cli.model.stream import Stream
 from mimi_cli.model.transformer import Transformer, sliding_window_attention
@@ -72,30 +72,29 @@ def test_causal_conv_equals_padded_torch_conv(stride, kernel, dilation, mode, le
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 24), (2, 1, 24), (2, 24), (1, 1, 24), (1, 3, 24)])
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2,), (1, 1), (1, 3)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("scale", [1, 64])  # 64: inputs 1536, summed from three pieces of 512
-def test_one_frame_linear_equals_nn_linear(shape, bias, scale):
-    features = shape[-1] * scale
-    layer = Linear(features, 40, bias=bias)
-    assert set(layer.state_dict()) == set(torch.nn.Linear(features, 40, bias=bias).state_dict())
-    x = torch.randn(*shape[:-1], features)
+@pytest.mark.parametrize("features", [(24, 40), (1024, 512), (1023, 513)])  # the last two: packed
+def test_one_frame_linear_equals_nn_linear(shape, bias, features):
+    layer = Linear(*features, bias=bias)
+    assert set(layer.state_dict()) == set(torch.nn.Linear(*features, bias=bias).state_dict())
+    x = torch.randn(*shape, features[0])
     with torch.inference_mode():
         out = layer(x)
-    assert out.shape == (*shape[:-1], 40) and out.is_contiguous()
-    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    if x.numel() == 2 * features:  # a two-row call: the weight in its derived layout
-        assert layer.frame_weight.shape == ((3, 40, 512) if scale > 1 else (40, features))
-        assert "frame_weight" not in layer.state_dict()
+    assert out.shape == (*shape, features[1]) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+    two_rows = x.numel() == 2 * features[0]
+    assert (layer.packed is not None) == (two_rows and layer.weight.numel() >= PACK_MIN_VALUES)
 
 
-def test_frame_layout_cuts_only_whole_pieces():
-    assert frame_layout(torch.zeros(8, 512)).shape == (8, 512)
-    assert frame_layout(torch.zeros(8, 700)).shape == (8, 700)
-    weight = torch.randn(8, 2048)
-    pieces = frame_layout(weight)
-    assert pieces.shape == (4, 8, 512) and pieces.is_contiguous()
-    torch.testing.assert_close(torch.cat(list(pieces), dim=1), weight, rtol=0, atol=0)
+def test_two_row_linear_without_onednn_takes_the_blas_product(monkeypatch):
+    monkeypatch.setattr(onednn, "usable", lambda: False)
+    layer = Linear(1024, 512)
+    x = torch.randn(2, 1024)
+    with torch.inference_mode():
+        out = layer(x)
+    assert layer.packed is None
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
 
 
 def _conv2d_forbidden(*args, **kwargs):
@@ -183,15 +182,18 @@ def test_prepare_forgets_what_one_frame_calls_derived(tiny_weights):
     model = load_model(tiny_weights)
     codes = StreamingEncoder(model, 8).push(torch.randn(1, 1, 1920) * 0.1)
     StreamingDecoder(model).push(codes)
-    derived = ("frame_weight", "qkv_weight", "kernel")
 
     def made() -> list[str]:
-        buffers = [n for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in derived and b.numel()]
-        return buffers + [
-            f"{n}.packed" for n, m in model.named_modules() if getattr(m, "packed", None) is not None
+        kernels = [n for n, b in model.named_buffers() if n.endswith(".kernel") and b.numel()]
+        packed = [
+            f"{n}.{name}"
+            for n, m in model.named_modules()
+            for name in ("packed", "packed_qkv")
+            if getattr(m, name, None) is not None
         ]
+        return kernels + packed
 
-    assert any(n.endswith("qkv_weight") for n in made()) and any(n.endswith(".packed") for n in made())
+    assert any(n.endswith("packed_qkv") for n in made()) and any(n.endswith(".packed") for n in made())
     model.prepare()
     assert made() == []
 
@@ -217,7 +219,7 @@ def test_transformer_streamed_in_uneven_calls_equals_one_pass():
                 buffers.add(stream.state(attention, lambda: None).buffer.data_ptr())
     torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=1e-5, atol=1e-5)
     assert len(buffers) == 1
-    assert attention.qkv_weight.shape == (96, 32)  # two-step calls took the stacked projection
+    assert attention.packed_qkv is not None  # two-step calls took the stacked projection
 
 
 def test_half_precision_plumbing_keeps_the_quantizer_in_float32(tiny_weights):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,3 +66,34 @@ def _reorder(
     return torch._C._nn.mkldnn_reorder_conv2d_weight(
         kernel.to_mkldnn(), [0, 0], [1, stride], [1, dilation], groups, list(input_shape)
     )
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """A [out, in] weight packed by `pack_rows` for products with two rows (`times_rows`)."""
+
+    kernel: torch.Tensor
+    taps: int
+
+
+def pack_rows(weight: torch.Tensor) -> PackedRows | None:
+    """weight [out, in] as a convolution kernel whose product with rows [N, in] is `times_rows`.
+
+    N contiguous rows are read as N·taps steps of in / taps channels, and a convolution of `taps`
+    taps and stride `taps` gives one output per row: oneDNN reads a large weight that way ~10–40 %
+    faster than the BLAS reads it for two rows. None where oneDNN can't be used.
+    """
+    out_features, in_features = weight.shape
+    taps = 2 if in_features % 2 == 0 else 1
+    kernel = weight.reshape(out_features, taps, in_features // taps).permute(0, 2, 1).unsqueeze(2)
+    kernel = kernel.contiguous(memory_format=torch.channels_last)
+    packed = pack(kernel, taps, 1, 1, (1, in_features // taps, 1, 2 * taps))
+    return None if packed is None else PackedRows(packed, taps)
+
+
+def times_rows(rows: torch.Tensor, weight: PackedRows, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows [N, in] → rows @ weightᵀ (+ bias) [N, out], contiguous."""
+    count, in_features = rows.shape
+    x = rows.contiguous().view(1, count * weight.taps, in_features // weight.taps)
+    y = conv(x.transpose(1, 2).unsqueeze(2), weight.kernel, bias, weight.taps, 1, 1)  # [1, out, 1, N]
+    return y[0, :, 0].mT.contiguous()  # (already contiguous: channels-last output)
