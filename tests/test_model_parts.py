@@ -142,7 +142,7 @@ def test_without_onednn_convs_fall_back_to_torch(monkeypatch):
     assert layer.packed is None and transposed.packed is None and layer.kernel.numel() > 0
 
 
-def test_a_used_layer_copies_without_its_packed_kernel():
+def test_used_layers_copy_without_their_packed_kernels():
     layer = CausalConv1d(6, 5, 3)
     x = torch.randn(1, 12, 6)
     with torch.inference_mode():
@@ -151,6 +151,13 @@ def test_a_used_layer_copies_without_its_packed_kernel():
         twin = copy.deepcopy(layer)  # an opaque oneDNN tensor can't be copied: it is derived again
         assert twin.packed is None
         torch.testing.assert_close(twin(x), out, rtol=0, atol=0)
+        projection = Linear(1024, 512)
+        rows = torch.randn(2, 1024)
+        projected = projection(rows)
+        assert projection.packed is not None
+        projection_twin = copy.deepcopy(projection)
+        assert projection_twin.packed is None
+        torch.testing.assert_close(projection_twin(rows), projected, rtol=0, atol=0)
 
 
 def test_one_row_quantizer_call_takes_the_two_row_product(monkeypatch):

@@ -64,7 +64,7 @@ class _CausalWindow:
         return edge.new_zeros(edge.shape[0], length, edge.shape[2])
 
 
-class _DerivedKernel(nn.Module):
+class _DerivedKernel(onednn.HoldsPacked, nn.Module):
     """Owns the run-time kernel its subclass derives from `conv.weight` (`prepare`): channels-last
     for `F.conv2d`, replaced on CPU by oneDNN's reordered copy (`onednn.pack`) on the first call."""
 
@@ -73,7 +73,7 @@ class _DerivedKernel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("kernel", torch.empty(0), persistent=False)
-        self.packed: torch.Tensor | None = None  # not a buffer: CPU only, never moved, copied or saved
+        self.packed: torch.Tensor | None = None  # `onednn.HoldsPacked`: not a buffer
 
     def prepare(self) -> None:
         raise NotImplementedError
@@ -81,10 +81,7 @@ class _DerivedKernel(nn.Module):
     def drop_derived(self) -> None:
         """Forget the tensors derived from the weight (made again on first use)."""
         self.kernel = self.conv.weight.new_empty(0)
-        self.packed = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "packed": None}  # copies and pickles derive it again
+        super().drop_derived()
 
     def _derive(self, device: torch.device) -> None:
         if self.kernel.numel() == 0 and (self.packed is None or device.type != "cpu"):

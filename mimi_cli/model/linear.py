@@ -23,7 +23,7 @@ def weight_times_rows(weight: torch.Tensor, rows: torch.Tensor, bias: torch.Tens
     return y.contiguous()
 
 
-class Linear(nn.Linear):
+class Linear(onednn.HoldsPacked, nn.Linear):
     """nn.Linear (same parameters, same state-dict keys) with a faster path for two rows on CPU.
 
     A streamed 80 ms frame puts two rows through each projection, and such a call is bound by
@@ -39,13 +39,7 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
-        self.packed: onednn.PackedRows | None = None  # not a buffer: CPU only, never moved or copied
-
-    def drop_derived(self) -> None:
-        self.packed = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "packed": None}  # copies and pickles derive it again
+        self.packed: onednn.PackedRows | None = None  # `onednn.HoldsPacked`: not a buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.numel() != ONE_FRAME_ROWS * x.shape[-1]:

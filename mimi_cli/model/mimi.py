@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from ..config import MimiConfig
+from . import onednn
 from .conv import CausalConv1d, CausalConvTranspose1d
-from .linear import Linear
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetDecoder, SeanetEncoder
 from .stream import Stream
-from .transformer import Attention, Transformer
+from .transformer import Transformer
 
 # Long inputs are run this many frames at a time (40 s): bounded memory, same result.
 DEFAULT_CHUNK_FRAMES = 500
@@ -70,7 +70,7 @@ class MimiModel(nn.Module):
         """
         self.quantizer.prepare()
         for module in self.modules():
-            if isinstance(module, (CausalConv1d, CausalConvTranspose1d, Linear, Attention)):
+            if isinstance(module, onednn.HoldsPacked):  # convolutions, projections, attention
                 module.drop_derived()  # `forward` derives them when empty
         return self
 

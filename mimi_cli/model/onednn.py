@@ -18,9 +18,28 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+
+class HoldsPacked:
+    """A module that keeps oneDNN-packed copies of its weights in the plain attributes `PACKED`.
+
+    The copies are CPU-only and opaque, so they are not buffers: `.to()` never moves them, a copy or
+    pickle of the module leaves them out (they are derived again on first use), and `drop_derived`
+    (which `MimiModel.prepare` calls) forgets them.
+    """
+
+    PACKED: ClassVar[tuple[str, ...]] = ("packed",)
+
+    def drop_derived(self) -> None:
+        for name in self.PACKED:
+            setattr(self, name, None)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, **dict.fromkeys(self.PACKED)}
 
 
 def pack(

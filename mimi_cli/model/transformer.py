@@ -95,7 +95,9 @@ def _recent_keys_mask(steps: int, num_past: int, window: int, device: torch.devi
     return (key <= query) & (key > query - window)
 
 
-class Attention(nn.Module):
+class Attention(onednn.HoldsPacked, nn.Module):
+    PACKED = ("packed_qkv",)
+
     def __init__(self, config: MimiConfig) -> None:
         super().__init__()
         width = config.hidden_size
@@ -106,13 +108,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(width, width, bias=False)
         self.v_proj = Linear(width, width, bias=False)
         self.o_proj = Linear(width, width, bias=False)
-        self.packed_qkv: onednn.PackedRows | None = None  # see `_frame_qkv`
-
-    def drop_derived(self) -> None:
-        self.packed_qkv = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "packed_qkv": None}  # copies and pickles derive it again
+        self.packed_qkv: onednn.PackedRows | None = None  # see `_frame_qkv`; `onednn.HoldsPacked`
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream | None = None
