@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mimi_cli.config import MimiConfig
 from mimi_cli.model import conv as conv_module
-from mimi_cli.model import onednn
+from mimi_cli.model import native, onednn
 from mimi_cli.model import quantizer as quantizer_module
 from mimi_cli.model.conv import CausalConv1d, CausalConvTranspose1d
 from mimi_cli.model.linear import PACK_MIN_VALUES, Linear, weight_times_rows
@@ -74,7 +74,7 @@ def test_causal_conv_equals_padded_torch_conv(stride, kernel, dilation, mode, le
 
 @pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2,), (1, 1), (1, 3)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("features", [(24, 40), (1024, 512), (1023, 513)])  # the last two: packed
+@pytest.mark.parametrize("features", [(24, 40), (1024, 512), (1023, 513)])
 def test_one_frame_linear_equals_nn_linear(shape, bias, features):
     layer = Linear(*features, bias=bias)
     assert set(layer.state_dict()) == set(torch.nn.Linear(*features, bias=bias).state_dict())
@@ -84,11 +84,25 @@ def test_one_frame_linear_equals_nn_linear(shape, bias, features):
     assert out.shape == (*shape, features[1]) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
     two_rows = x.numel() == 2 * features[0]
-    assert (layer.packed is not None) == (two_rows and layer.weight.numel() >= PACK_MIN_VALUES)
+    assert (layer.packed is not None) == two_rows  # the C kernel's blocks, at every size
+    assert not two_rows or isinstance(layer.packed, native.PackedBlocks) or native.library() is None
+
+
+@pytest.mark.parametrize("features", [(24, 40), (1024, 512), (1023, 513)])
+def test_two_row_linear_without_the_c_kernel_reads_large_weights_through_onednn(monkeypatch, features):
+    monkeypatch.setattr(native, "pack", lambda weight: None)
+    layer = Linear(*features)
+    x = torch.randn(2, features[0])
+    with torch.inference_mode():
+        out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+    large = layer.weight.numel() >= PACK_MIN_VALUES
+    assert isinstance(layer.packed, onednn.PackedRows) if large else layer.packed is None
 
 
 def test_two_row_linear_without_onednn_takes_the_blas_product(monkeypatch):
     monkeypatch.setattr(onednn, "usable", lambda: False)
+    monkeypatch.setattr(native, "pack", lambda weight: None)
     layer = Linear(1024, 512)
     x = torch.randn(2, 1024)
     with torch.inference_mode():
@@ -131,6 +145,37 @@ def test_cpu_transposed_conv_runs_on_a_packed_kernel(monkeypatch, channels, leng
     assert layer.packed is not None
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_few_outputs_of_a_large_kernel_are_rows_times_the_kernel(monkeypatch, transposed):
+    """A one-frame call (≤ ROWS_MAX_OUTPUTS outputs, kernel ≥ ROWS_MIN_VALUES) reads the kernel once
+    through the C kernel; a longer call then takes oneDNN, and `drop_derived` forgets both."""
+    if native.library() is None:
+        pytest.skip("no C kernel on this machine (no compiler): covered by the oneDNN tests")
+    assert onednn.usable()  # (checked against F.conv2d once, before it is forbidden below)
+    if transposed:
+        layer, length = CausalConvTranspose1d(512, 64, 16, 8), 3  # polyphase kernel [8 · 64, 512, 2]
+    else:
+        layer, length = CausalConv1d(512, 64, 16, 8), 24  # two outputs of an 8-step first window
+    assert layer.conv.weight.numel() >= conv_module.ROWS_MIN_VALUES
+    x = torch.randn(1, 512, length + 40)
+    if transposed:
+        expected = layer.conv(x)[..., : 8 * x.shape[-1]]
+    else:
+        expected = layer.conv(F.pad(x, (16 - 8, -x.shape[-1] % 8)))
+    monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
+    stream = Stream()
+    with torch.inference_mode():
+        first = layer(x[..., :length].transpose(1, 2), stream)
+        assert layer.packed_rows is not None and layer.packed is None and layer.kernel.numel() == 0
+        rest = layer(x[..., length:].transpose(1, 2), stream)  # many outputs: oneDNN
+        assert layer.packed is not None
+    out = torch.cat([first, rest], dim=1).transpose(1, 2)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    layer.drop_derived()
+    assert layer.packed_rows is None and layer.packed is None
+
+
 def test_without_onednn_convs_fall_back_to_torch(monkeypatch):
     monkeypatch.setattr(onednn, "usable", lambda: False)
     layer, transposed = CausalConv1d(6, 5, 4, 2), CausalConvTranspose1d(5, 3, 4, 2)
@@ -160,7 +205,10 @@ def test_used_layers_copy_without_their_packed_kernels():
         torch.testing.assert_close(projection_twin(rows), projected, rtol=0, atol=0)
 
 
-def test_one_row_quantizer_call_takes_the_two_row_product(monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_one_row_quantizer_calls_read_the_table_in_one_pass(monkeypatch, kernel):
+    """With the C kernel, one row against the blocked table; without, the row twice as the BLAS's
+    right operand. Either way, the codes of whole and one-row calls agree."""
     codebook = Codebook(64, 16)
     with torch.no_grad():
         codebook.embed_sum.normal_()
@@ -175,8 +223,13 @@ def test_one_row_quantizer_call_takes_the_two_row_product(monkeypatch):
         return weight_times_rows(weight, x, bias)
 
     monkeypatch.setattr(quantizer_module, "weight_times_rows", counted)
+    if not kernel:
+        monkeypatch.setattr(native, "pack", lambda weight: None)
     one_by_one = torch.cat([codebook.nearest(rows[i : i + 1]) for i in range(rows.shape[0])])
-    assert calls == [(2, 18)] * rows.shape[0]
+    if kernel and native.library() is not None:
+        assert calls == [] and isinstance(codebook.packed_table, native.PackedBlocks)
+    else:
+        assert calls == [(2, 18)] * rows.shape[0] and codebook.packed_table is None
     assert torch.equal(one_by_one, whole)
     assert whole.unique().numel() > 10  # the check means something
 
@@ -195,12 +248,13 @@ def test_prepare_forgets_what_one_frame_calls_derived(tiny_weights):
         packed = [
             f"{n}.{name}"
             for n, m in model.named_modules()
-            for name in ("packed", "packed_qkv")
+            for name in ("packed", "packed_qkv", "packed_rows", "packed_table")
             if getattr(m, name, None) is not None
         ]
         return kernels + packed
 
-    assert any(n.endswith("packed_qkv") for n in made()) and any(n.endswith(".packed") for n in made())
+    names = made()
+    assert all(any(n.endswith(kind) for n in names) for kind in ("qkv", ".packed", "_table"))
     model.prepare()
     assert made() == []
 

@@ -4,7 +4,9 @@ Activations are time-major, [B, T, C]: oneDNN's convolutions run much faster on 
 (channels last) than on [B, C, T], and a transposed convolution then needs no interleaving copy.
 Weights keep the released layout ([C_out, C_in, k], [C_in, C_out, k]); `prepare()` derives the
 kernels the run-time path uses, which on CPU are handed to oneDNN once, in its own layout
-(`onednn.pack`), rather than on every call.
+(`onednn.pack`), rather than on every call. A one-frame call with a large kernel and a few outputs
+is bound by reading the kernel: it runs as a product of a few rows (`native`), each output's input
+window being one contiguous row of the time-major input.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn
+from . import native, onednn
 from .stream import Stream, layer_state
+
+ROWS_MAX_OUTPUTS = 4  # up to this many outputs, a large kernel is read by `native` (one pass)
+ROWS_MIN_VALUES = 1 << 18  # ... from this many weights up (1 MiB): below, oneDNN is as fast
 
 
 @dataclass
@@ -66,14 +71,17 @@ class _CausalWindow:
 
 class _DerivedKernel(onednn.HoldsPacked, nn.Module):
     """Owns the run-time kernel its subclass derives from `conv.weight` (`prepare`): channels-last
-    for `F.conv2d`, replaced on CPU by oneDNN's reordered copy (`onednn.pack`) on the first call."""
+    for `F.conv2d`, replaced on CPU by oneDNN's reordered copy (`onednn.pack`) on the first call,
+    or by the C kernel's blocks (`native.pack`) on the first call with a few outputs."""
 
+    PACKED = ("packed", "packed_rows")
     conv: nn.Conv1d | nn.ConvTranspose1d
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("kernel", torch.empty(0), persistent=False)
         self.packed: torch.Tensor | None = None  # `onednn.HoldsPacked`: not a buffer
+        self.packed_rows: native.PackedBlocks | None = None  # [C_out, k · C_in], see `_convolve_rows`
 
     def prepare(self) -> None:
         raise NotImplementedError
@@ -84,15 +92,26 @@ class _DerivedKernel(onednn.HoldsPacked, nn.Module):
         super().drop_derived()
 
     def _derive(self, device: torch.device) -> None:
-        if self.kernel.numel() == 0 and (self.packed is None or device.type != "cpu"):
+        packed = self.packed is not None or self.packed_rows is not None
+        if self.kernel.numel() == 0 and (not packed or device.type != "cpu"):
             self.prepare()
 
     def _convolve(
         self, x: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, dilation: int = 1, groups: int = 1
     ) -> torch.Tensor:
         """[B, T, C_in] → [B, T', C_out]: a 2-d convolution (H = 1) of the time-major input."""
+        taps = self.conv.kernel_size[0] if isinstance(self.conv, nn.Conv1d) else 2
+        outputs = (x.shape[1] - taps) // stride + 1
+        if (
+            x.device.type == "cpu" and x.shape[0] == 1 and groups == 1 and dilation == 1
+            and 0 < outputs <= ROWS_MAX_OUTPUTS and self.conv.weight.numel() >= ROWS_MIN_VALUES
+            and self._rows_kernel() is not None
+        ):  # fmt: skip
+            return self._convolve_rows(x, bias, taps, stride, outputs)
         x = x.transpose(1, 2).unsqueeze(2)  # [B, C_in, 1, T], channels-last strides
         if x.device.type == "cpu" and self.packed is None:
+            if self.kernel.numel() == 0:  # given up for `packed_rows`
+                self.prepare()
             self.packed = onednn.pack(self.kernel, stride, dilation, groups, x.shape)
             if self.packed is not None:
                 self.kernel = self.kernel.new_empty(0)  # the channels-last copy is not needed on CPU
@@ -101,6 +120,27 @@ class _DerivedKernel(onednn.HoldsPacked, nn.Module):
         else:
             y = F.conv2d(x, self.kernel, bias, (1, stride), dilation=(1, dilation), groups=groups)
         return y.squeeze(2).transpose(1, 2)
+
+    def _rows_kernel(self) -> native.PackedBlocks | None:
+        """The kernel as [C_out, k · C_in] (taps outer) in the C kernel's blocks, made on first use."""
+        if self.packed_rows is None:
+            if self.kernel.numel() == 0:
+                self.prepare()
+            kernel = self.kernel[:, :, 0]  # [C_out, C_in, k]
+            self.packed_rows = native.pack(kernel.permute(0, 2, 1).reshape(kernel.shape[0], -1))
+            if self.packed_rows is not None:
+                self.kernel = self.kernel.new_empty(0)  # derived again if a longer call needs it
+        return self.packed_rows
+
+    def _convolve_rows(
+        self, x: torch.Tensor, bias: torch.Tensor | None, taps: int, stride: int, outputs: int
+    ) -> torch.Tensor:
+        """Output t is the product of the kernel with x[0, t·stride : t·stride + taps], one contiguous
+        row of the time-major input: `outputs` rows, `stride` steps apart."""
+        x = x.contiguous()
+        channels = x.shape[2]
+        rows = x.view(-1).as_strided((outputs, taps * channels), (stride * channels, 1))
+        return self.packed_rows.times_rows(rows, bias)[None]
 
 
 class CausalConv1d(_DerivedKernel):

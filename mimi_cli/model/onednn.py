@@ -94,6 +94,9 @@ class PackedRows:
     kernel: torch.Tensor
     taps: int
 
+    def times_rows(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return times_rows(rows, self, bias)
+
 
 def pack_rows(weight: torch.Tensor) -> PackedRows | None:
     """weight [out, in] as a convolution kernel whose product with rows [N, in] is `times_rows`.

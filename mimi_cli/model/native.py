@@ -1,0 +1,210 @@
+"""A C kernel for the few-row products of one-frame CPU calls, compiled on first use.
+
+A streamed 80 ms frame puts two rows through each large weight, so the call costs what reading the
+weight from memory costs. torch's best route for that (oneDNN with the weight packed once,
+`onednn.pack_rows`) reads ~20–26 GB/s on one core of the live benchmark's machine; `one_frame.c`
+reads a weight stored in blocks of 32 outputs from start to end with the pages ahead prefetched,
+at ~33–35 GB/s, faster than torch's own `sum` of the same weights.
+
+The source ships with the package and is compiled once per machine with the system C compiler
+(`$CC`, else `cc`, `gcc` or `clang`; -O3, tuned for this CPU) into the cache folder
+(`fpcache.cache_dir()/kernels`, keyed by the source, compiler, flags and CPU), then loaded with
+ctypes and checked against torch once per process. Where there is no compiler, the build or the
+check fails, or `MIMI_NATIVE=0` is set, `pack` returns None and callers keep torch's routes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import fpcache
+
+SOURCE = Path(__file__).with_name("one_frame.c")
+DISABLE_ENV = "MIMI_NATIVE"  # "0": never build or load the kernel
+FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
+TUNE_FLAGS = ("-march=native",)  # dropped where the compiler refuses them
+COMPILE_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class PackedBlocks:
+    """A [out, in] float32 weight stored as [ceil(out / block), in, block] for `times_rows`."""
+
+    blocks: torch.Tensor
+    out_features: int
+
+    def times_rows(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """rows [N, in] (rows may be strided, their values contiguous) → rows @ weightᵀ (+ bias) [N, out]."""
+        count, in_features = rows.shape
+        if rows.stride(1) != 1 or rows.dtype != torch.float32:
+            rows = rows.float().contiguous()
+        if bias is not None:
+            bias = bias.detach().float().contiguous()
+        y = rows.new_empty(count, self.out_features)
+        library().mimi_rows_times_blocks(
+            self.blocks.data_ptr(), in_features, self.out_features,
+            rows.data_ptr(), rows.stride(0), count,
+            None if bias is None else bias.data_ptr(), y.data_ptr(),
+        )  # fmt: skip
+        return y
+
+
+def pack(weight: torch.Tensor) -> PackedBlocks | None:
+    """weight [out, in] (float32, CPU) in blocks for `PackedBlocks.times_rows`; None where the
+    kernel can't be used (another device or dtype, no compiler, a failed check)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    return _blocks(weight.detach(), lib.mimi_block_size())
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_past: int, window: int
+) -> torch.Tensor | None:
+    """`transformer.sliding_window_attention` of a short call, in one pass over the keys and values.
+
+    q: [1, H, T, D]; k, v: [1, H, num_past + T, D] with the same strides, each step's D values
+    contiguous. Returns [1, H, T, D], a view of a contiguous [1, T, H, D] (what the output
+    projection reads); None where the kernel can't be used.
+    """
+    lib = library()
+    tensors = (q, k, v)
+    if (
+        lib is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+        or q.shape[0] != 1 or k.stride() != v.stride() or q.stride(3) != 1 or k.stride(3) != 1
+        or k.stride(2) != k.shape[3]
+    ):  # fmt: skip
+        return None
+    _, heads, steps, dim = q.shape
+    keys = k.shape[2]
+    out, scores = q.new_empty(1, steps, heads, dim), q.new_empty(keys)  # (held until the call returns)
+    lib.mimi_window_attention(
+        q.data_ptr(), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(1),
+        heads, steps, keys, dim, num_past, window, 1.0 / math.sqrt(dim), scores.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _blocks(weight: torch.Tensor, block: int) -> PackedBlocks:
+    out_features, in_features = weight.shape
+    padded = -(-out_features // block) * block
+    blocks = weight.new_zeros(padded, in_features)
+    blocks[:out_features] = weight
+    return PackedBlocks(blocks.view(-1, block, in_features).transpose(1, 2).contiguous(), out_features)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use and checked once per process; None where unavailable."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    path = _built()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.mimi_block_size.restype = ctypes.c_int
+    lib.mimi_block_size.argtypes = []
+    lib.mimi_rows_times_blocks.restype = None
+    lib.mimi_rows_times_blocks.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.mimi_window_attention.restype = None
+    lib.mimi_window_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+    ]  # fmt: skip
+    return lib if _agrees_with_torch(lib) else None
+
+
+def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(45, 37, generator=generator)  # a partial last block, an odd width
+    bias = torch.randn(45, generator=generator)
+    rows = torch.randn(6, 40, generator=generator)[:, :37]  # strided rows, a group of 4 and of 2
+    packed = _blocks(weight, lib.mimi_block_size())
+    y = torch.empty(6, 45)
+    lib.mimi_rows_times_blocks(
+        packed.blocks.data_ptr(), 37, 45, rows.data_ptr(), rows.stride(0), 6, bias.data_ptr(), y.data_ptr()
+    )
+    if not torch.allclose(y, rows @ weight.T + bias, rtol=1e-5, atol=1e-5):
+        return False
+    keys = torch.randn(2, 1, 3, 12, 20, generator=generator)[..., 1:9, :]  # strided heads, a partial window
+    q = torch.randn(1, 3, 2, 20, generator=generator)
+    out, scores = torch.empty(1, 2, 3, 20), torch.empty(8)
+    lib.mimi_window_attention(
+        q.data_ptr(), q.stride(1), q.stride(2), keys[0].data_ptr(), keys[1].data_ptr(), keys.stride(2),
+        3, 2, 8, 20, 6, 5, 1.0 / math.sqrt(20), scores.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    position = torch.arange(2)[:, None] + 6 - torch.arange(8)[None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, keys[0], keys[1], attn_mask=(position >= 0) & (position < 5)
+    )
+    return torch.allclose(out.transpose(1, 2), expected, rtol=1e-5, atol=1e-5)
+
+
+def _built() -> Path | None:
+    """The shared library for this machine, compiled into the cache folder if not already there."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        return None
+    source = SOURCE.read_bytes()
+    folder = fpcache.cache_dir() / "kernels"
+    for flags in (FLAGS + TUNE_FLAGS, FLAGS):
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, flags), _cpu_id()]))
+        path = folder / f"one_frame-{key.hexdigest()[:16]}.so"
+        if path.is_file() or _compile(compiler, flags, path):
+            return path
+    return None
+
+
+def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> bool:
+    """Compile into a temporary file beside `path`, then rename: concurrent runs never see half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".one_frame-", suffix=".so")
+        os.close(fd)
+    except OSError:
+        return False
+    try:
+        result = subprocess.run(
+            [compiler, *flags, "-o", partial, str(SOURCE), "-lm"],
+            capture_output=True, timeout=COMPILE_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        if result.returncode == 0:
+            os.replace(partial, path)
+            return True
+    except (OSError, subprocess.SubprocessError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+    return False
+
+
+def _cpu_id() -> bytes:
+    """What a binary tuned for this CPU depends on: a cache folder shared by machines keeps one per CPU."""
+    parts = [platform.machine(), platform.processor()]
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            parts += [line for line in cpuinfo if line.startswith(("model name", "flags", "Features"))][:2]
+    return "\n".join(parts).encode()

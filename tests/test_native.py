@@ -1,0 +1,177 @@
+"""The C kernel of one-frame calls: its results, how it is built and cached, and every way it falls back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimi_cli.fpcache import CACHE_ENV
+from mimi_cli.model import native, onednn
+from mimi_cli.model.linear import PACK_MIN_VALUES, Linear, pack_for_rows
+from mimi_cli.model.transformer import sliding_window_attention
+
+COMPILER = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler here: the kernel can't be built")
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A cache folder of its own and no library loaded yet; the session's library is restored after."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    native.library.cache_clear()
+    yield tmp_path / "cache" / "kernels"
+    native.library.cache_clear()
+
+
+def _compiler_wrapper(folder: Path, refuse: str | None = None, source: Path | None = None) -> Path:
+    """A `cc` stand-in: logs its arguments to calls.log, fails when they hold `refuse`, compiles
+    `source` instead of the package's kernel if given, else passes everything to the real compiler."""
+    script = folder / "cc-wrapper"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys\n"
+        f"open({str(folder / 'calls.log')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        f"if {refuse!r} in sys.argv: sys.exit(1)\n"
+        f"args = [{str(source)!r} if {source is not None} and a.endswith('one_frame.c') else a\n"
+        "        for a in sys.argv[1:]]\n"
+        f"sys.exit(subprocess.call([{COMPILER!r}, *args]))\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+@needs_compiler
+def test_the_kernel_is_built_here():
+    assert native.library() is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("out_features, in_features", [(1, 7), (31, 64), (32, 130), (33, 1), (100, 2048)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_times_blocks_equals_the_product(rows, out_features, in_features, bias):
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
+    b = torch.randn(out_features, generator=generator, dtype=torch.float64) if bias else None
+    x = torch.randn(rows, in_features + 3, generator=generator, dtype=torch.float64)[:, 2:-1]  # strided rows
+    packed = native.pack(weight.float())
+    got = packed.times_rows(x.float(), None if b is None else b.float())
+    exact = x @ weight.T + (0 if b is None else b)
+    blas = (x.float() @ weight.float().T + (0 if b is None else b.float())).double()
+    assert got.shape == (rows, out_features) and got.is_contiguous()
+    # it rounds no worse than the BLAS (its sums run in pieces, not in one long chain)
+    assert (got.double() - exact).abs().max() <= 2 * (blas - exact).abs().max() + 1e-6
+
+
+@needs_compiler
+def test_rows_in_the_same_memory_as_a_convolution_window():
+    """Overlapping rows (a convolution's windows, `stride` steps apart) are read where they lie."""
+    weight, signal = torch.randn(48, 6 * 16), torch.randn(40, 16)  # 6 taps of 16 channels, time-major
+    rows = signal.view(-1).as_strided((9, 6 * 16), (4 * 16, 1))  # windows of 6 steps, stride 4
+    torch.testing.assert_close(native.pack(weight).times_rows(rows, None), rows @ weight.T)
+
+
+@needs_compiler
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("num_past, window", [(0, 5), (3, 5), (4, 5), (11, 5), (249, 250)])
+def test_window_attention_equals_masked_attention(steps, num_past, window):
+    generator = torch.Generator().manual_seed(steps * 1000 + num_past)
+    heads, dim, keys = 3, 64, num_past + steps
+    buffer = torch.randn(2, 1, heads, keys + 7, dim, generator=generator)  # as a stream keeps them
+    buffer = buffer[..., 4 : 4 + keys, :]
+    q = torch.randn(1, heads, steps, dim, generator=generator)
+    got = native.window_attention(q, buffer[0], buffer[1], num_past, window)
+    position = torch.arange(steps)[:, None] + num_past - torch.arange(keys)[None, :]
+    expected = F.scaled_dot_product_attention(
+        q, buffer[0], buffer[1], attn_mask=(position >= 0) & (position < window)
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.transpose(1, 2).is_contiguous()  # what the output projection reads, without a copy
+
+
+@needs_compiler
+def test_short_streamed_attention_calls_take_the_kernel(monkeypatch):
+    calls = []
+    kernel = native.window_attention
+    monkeypatch.setattr(native, "window_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 9, 8)
+    out = sliding_window_attention(q, k, k, 4, 7)
+    position = torch.arange(2)[:, None] + 7 - torch.arange(9)[None, :]
+    expected = F.scaled_dot_product_attention(q, k, k, attn_mask=(position >= 0) & (position < 4))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert calls == [(1, 2, 2, 8)]
+    sliding_window_attention(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8), 4, 7)
+    assert len(calls) == 2  # a batch of two is asked too, and declined: torch computes it
+
+
+def test_what_the_kernel_declines():
+    assert native.pack(torch.randn(4, 4, dtype=torch.float64)) is None
+    assert native.pack(torch.randn(2, 4, 4)) is None
+    q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 5, 8)
+    assert native.window_attention(q, k, k, 3, 4) is None  # batch 2
+    assert native.window_attention(q[:1].double(), k[:1].double(), k[:1].double(), 3, 4) is None
+
+
+@needs_compiler
+def test_built_once_into_the_cache_then_reused(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(_compiler_wrapper(fresh_build.parent.parent)))
+    assert native.library() is not None
+    built = list(fresh_build.glob("one_frame-*.so"))
+    assert len(built) == 1 and not list(fresh_build.glob(".one_frame-*"))  # no partial file left
+    assert "-march=native" in (fresh_build.parent.parent / "calls.log").read_text()
+    native.library.cache_clear()
+    assert native.library() is not None  # a new process: the cached build, no compiler call
+    assert len((fresh_build.parent.parent / "calls.log").read_text().splitlines()) == 1
+
+
+@needs_compiler
+def test_a_compiler_refusing_the_tuning_flag_still_builds(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(_compiler_wrapper(fresh_build.parent.parent, refuse="-march=native")))
+    assert native.library() is not None
+    assert len((fresh_build.parent.parent / "calls.log").read_text().splitlines()) == 2
+
+
+@needs_compiler
+def test_a_kernel_that_disagrees_with_torch_is_not_used(fresh_build, monkeypatch):
+    """A miscompiled kernel is caught by the check against torch: torch's routes are kept."""
+    wrong = Path(__file__).parents[1] / "mimi_cli" / "model" / "one_frame.c"
+    source = fresh_build.parent.parent / "wrong.c"
+    source.write_text(wrong.read_text().replace("a[r][j] += s * wi[j]", "a[r][j] += 2 * s * wi[j]"))
+    monkeypatch.setenv("CC", str(_compiler_wrapper(fresh_build.parent.parent, source=source)))
+    assert native.library() is None
+    assert len(list(fresh_build.glob("one_frame-*.so"))) == 1  # built, then refused
+    assert native.pack(torch.randn(64, 64)) is None
+    assert isinstance(pack_for_rows(torch.randn(1024, 512)), onednn.PackedRows)
+
+
+@pytest.mark.parametrize("env", [{"CC": "false"}, {"CC": "/nonexistent/cc"}, {"MIMI_NATIVE": "0"}])
+def test_without_the_kernel_one_frame_calls_keep_torch_routes(fresh_build, monkeypatch, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert native.library() is None and native.pack(torch.randn(64, 64)) is None
+    assert not list(fresh_build.glob("*.so"))
+    large, small = Linear(1024, 512), Linear(24, 40)
+    x = torch.randn(2, 1024)
+    with torch.inference_mode():
+        torch.testing.assert_close(large(x), F.linear(x, large.weight, large.bias), rtol=1e-4, atol=1e-4)
+        small(torch.randn(2, 24))
+    assert large.weight.numel() >= PACK_MIN_VALUES and isinstance(large.packed, onednn.PackedRows)
+    assert small.packed is None  # the BLAS's W @ xᵀ
+
+
+@needs_compiler
+def test_processes_building_at_once_both_get_a_whole_library(tmp_path):
+    env = {**os.environ, CACHE_ENV: str(tmp_path)}
+    code = "from mimi_cli.model import native; assert native.library() is not None"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert len(list((tmp_path / "kernels").glob("one_frame-*.so"))) == 1
+    assert not list((tmp_path / "kernels").glob(".one_frame-*"))
