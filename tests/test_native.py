@@ -175,3 +175,69 @@ def test_processes_building_at_once_both_get_a_whole_library(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert len(list((tmp_path / "kernels").glob("one_frame-*.so"))) == 1
     assert not list((tmp_path / "kernels").glob(".one_frame-*"))
+
+
+@needs_compiler
+def test_rows_times_blocks_with_a_gain_and_a_residual():
+    weight, rows, bias, gain = torch.randn(40, 24), torch.randn(2, 24), torch.randn(40), torch.randn(40)
+    residual = torch.randn(2, 40)
+    got = native.pack(weight).times_rows(rows, bias, gain, residual)
+    torch.testing.assert_close(got, residual + gain * (rows @ weight.T + bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("num_past", [0, 3, 9])
+def test_rope_attention_equals_rope_then_window_attention(num_past):
+    from mimi_cli.model.transformer import apply_rope, rope_tables
+
+    heads, dim, steps, window = 3, 16, 2, 6
+    generator = torch.Generator().manual_seed(num_past)
+    qkv = torch.randn(steps, 3 * heads * dim, generator=generator)
+    kept = torch.randn(2, 1, heads, num_past, dim, generator=generator)
+    buffer = torch.zeros(2, 1, heads, num_past + steps + 5, dim)
+    buffer[..., :num_past, :] = kept
+    cos, sin = rope_tables(torch.arange(num_past, num_past + steps), dim, 10_000.0, torch.float32)
+    got = native.rope_attention(
+        qkv,
+        cos,
+        sin,
+        buffer[0, :, :, : num_past + steps],
+        buffer[1, :, :, : num_past + steps],
+        num_past,
+        window,
+    )
+
+    q, k, v = (t.view(1, steps, heads, dim).transpose(1, 2) for t in qkv.view(steps, 3, -1).unbind(1))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = torch.cat([kept[0], k], dim=2), torch.cat([kept[1], v], dim=2)
+    expected = sliding_window_attention(q, keys, values, window, num_past, block=window)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(steps, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buffer[0, :, :, : num_past + steps], keys, rtol=1e-6, atol=1e-6)  # written
+    torch.testing.assert_close(buffer[1, :, :, : num_past + steps], values, rtol=0, atol=0)
+
+
+@needs_compiler
+def test_streamed_frames_take_the_fused_layer(monkeypatch):
+    """Two-step calls run each layer as products, one RoPE-attention call and two norms; the
+    result equals the whole-input pass."""
+    from mimi_cli.config import MimiConfig
+    from mimi_cli.model.stream import Stream
+    from mimi_cli.model.transformer import Transformer
+
+    config = MimiConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, sliding_window=5
+    )
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    calls = []
+    fused = native.rope_attention
+    monkeypatch.setattr(native, "rope_attention", lambda *a: calls.append(a[5]) or fused(*a))
+    x = torch.randn(1, 24, 64)
+    stream = Stream()
+    with torch.inference_mode():
+        expected = model(x)
+        streamed = torch.cat([model(x[:, i : i + 2], stream) for i in range(0, 24, 2)], dim=1)
+    torch.testing.assert_close(streamed, expected, rtol=1e-4, atol=1e-4)
+    assert calls == [min(i, 4) for i in range(0, 24, 2) for _ in range(2)]  # keys kept: up to window - 1

@@ -55,10 +55,15 @@ class Linear(onednn.HoldsPacked, nn.Linear):
         if x.device.type != "cpu" or x.numel() != ONE_FRAME_ROWS * x.shape[-1]:
             return super().forward(x)
         rows = x.reshape(ONE_FRAME_ROWS, -1)
-        if self.packed is None:
-            self.packed = pack_for_rows(self.weight)
-        if self.packed is not None:
-            y = self.packed.times_rows(rows, self.bias)
+        packed = self.packed_for_rows()
+        if packed is not None:
+            y = packed.times_rows(rows, self.bias)
         else:
             y = weight_times_rows(self.weight, rows, self.bias)
         return y.reshape(*x.shape[:-1], -1)
+
+    def packed_for_rows(self) -> PackedForRows | None:
+        """The copy two-row calls read (`pack_for_rows`, made on first use); None: `W @ xᵀ`."""
+        if self.packed is None:
+            self.packed = pack_for_rows(self.weight)
+        return self.packed

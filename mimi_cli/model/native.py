@@ -46,18 +46,24 @@ class PackedBlocks:
     blocks: torch.Tensor
     out_features: int
 
-    def times_rows(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """rows [N, in] (rows may be strided, their values contiguous) → rows @ weightᵀ (+ bias) [N, out]."""
+    def times_rows(
+        self,
+        rows: torch.Tensor,
+        bias: torch.Tensor | None,
+        gain: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """rows [N, in] (rows may be strided, their values contiguous) → residual + gain ⊙ (rows @ weightᵀ
+        + bias) [N, out]; bias, gain [out] and residual [N, out] (contiguous) are optional."""
         count, in_features = rows.shape
         if rows.stride(1) != 1 or rows.dtype != torch.float32:
             rows = rows.float().contiguous()
-        if bias is not None:
-            bias = bias.detach().float().contiguous()
+        bias, gain = (None if t is None else t.detach().float().contiguous() for t in (bias, gain))
+        residual = None if residual is None else residual.float().contiguous()
         y = rows.new_empty(count, self.out_features)
         library().mimi_rows_times_blocks(
-            self.blocks.data_ptr(), in_features, self.out_features,
-            rows.data_ptr(), rows.stride(0), count,
-            None if bias is None else bias.data_ptr(), y.data_ptr(),
+            self.blocks.data_ptr(), in_features, self.out_features, rows.data_ptr(), rows.stride(0), count,
+            _address(bias), _address(gain), _address(residual), y.data_ptr(),
         )  # fmt: skip
         return y
 
@@ -100,6 +106,41 @@ def window_attention(
     return out.transpose(1, 2)
 
 
+def rope_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_past: int,
+    window: int,
+) -> torch.Tensor:
+    """A streamed call's attention from its stacked projections, before the output projection.
+
+    qkv: [T, 3 · H · D] (q, k, v of each step, contiguous); cos, sin: [T, D] ("rotate half" RoPE
+    tables); k, v: [1, H, num_past + T, D], the stream's window (same strides, steps of D contiguous
+    values), whose last T steps receive the rotated keys and the values. Returns [T, H · D]: what
+    `apply_rope`, then `sliding_window_attention`, give, with the heads side by side.
+    """
+    _, heads, keys, dim = k.shape
+    steps = qkv.shape[0]
+    out, q_rotated, scores = (
+        qkv.new_empty(steps, heads * dim),
+        qkv.new_empty(heads * steps * dim),
+        qkv.new_empty(keys),
+    )
+    library().mimi_rope_attention(
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(1),
+        heads, steps, dim, num_past, window, 1.0 / math.sqrt(dim),
+        q_rotated.data_ptr(), scores.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
 def _blocks(weight: torch.Tensor, block: int) -> PackedBlocks:
     out_features, in_features = weight.shape
     padded = -(-out_features // block) * block
@@ -125,7 +166,7 @@ def library() -> ctypes.CDLL | None:
     lib.mimi_rows_times_blocks.restype = None
     lib.mimi_rows_times_blocks.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
     ]  # fmt: skip
     lib.mimi_window_attention.restype = None
     lib.mimi_window_attention.argtypes = [
@@ -133,20 +174,28 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
     ]  # fmt: skip
+    lib.mimi_rope_attention.restype = None
+    lib.mimi_rope_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ]  # fmt: skip
     return lib if _agrees_with_torch(lib) else None
 
 
 def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(45, 37, generator=generator)  # a partial last block, an odd width
-    bias = torch.randn(45, generator=generator)
+    bias, gain = torch.randn(2, 45, generator=generator)
+    residual = torch.randn(6, 45, generator=generator)
     rows = torch.randn(6, 40, generator=generator)[:, :37]  # strided rows, a group of 4 and of 2
     packed = _blocks(weight, lib.mimi_block_size())
     y = torch.empty(6, 45)
     lib.mimi_rows_times_blocks(
-        packed.blocks.data_ptr(), 37, 45, rows.data_ptr(), rows.stride(0), 6, bias.data_ptr(), y.data_ptr()
-    )
-    if not torch.allclose(y, rows @ weight.T + bias, rtol=1e-5, atol=1e-5):
+        packed.blocks.data_ptr(), 37, 45, rows.data_ptr(), rows.stride(0), 6,
+        bias.data_ptr(), gain.data_ptr(), residual.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    if not torch.allclose(y, residual + gain * (rows @ weight.T + bias), rtol=1e-5, atol=1e-5):
         return False
     keys = torch.randn(2, 1, 3, 12, 20, generator=generator)[..., 1:9, :]  # strided heads, a partial window
     q = torch.randn(1, 3, 2, 20, generator=generator)

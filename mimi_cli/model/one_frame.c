@@ -6,7 +6,6 @@
  * ([out / BLOCK][in][BLOCK], see `native.pack`), read once from start to end with the next
  * pages prefetched, while up to four rows accumulate in registers.
  */
-#include <math.h>
 #include <stddef.h>
 
 #define BLOCK 32    /* outputs per block: 2 AVX-512 or 4 AVX2 registers per row */
@@ -49,10 +48,11 @@ BLOCK_TIMES_ROWS(4)
 
 int mimi_block_size(void) { return BLOCK; }
 
-/* y [rows][out] = x @ weightᵀ (+ bias), x row r at x + r * x_stride, weight in blocks [ceil(out / BLOCK)][in][BLOCK]
- * (the last block zero-padded); bias may be NULL. */
+/* y [rows][out] = residual + gain ⊙ (x @ weightᵀ + bias), x row r at x + r * x_stride, weight in blocks
+ * [ceil(out / BLOCK)][in][BLOCK] (the last block zero-padded); bias, gain and residual ([rows][out]) may
+ * each be NULL (none, ones, zeros). y may be the residual itself. */
 void mimi_rows_times_blocks(const float *blocks, int in, int out, const float *x, long x_stride, int rows,
-                            const float *bias, float *y) {
+                            const float *bias, const float *gain, const float *residual, float *y) {
     float acc[4][BLOCK];
     const int num_blocks = (out + BLOCK - 1) / BLOCK;
     for (int b = 0; b < num_blocks; b++) {
@@ -69,11 +69,49 @@ void mimi_rows_times_blocks(const float *blocks, int in, int out, const float *x
                 default: block_times_4(w, in, xs, acc); break;
             }
             for (int r = 0; r < group; r++) {
-                float *yr = y + (size_t)(r0 + r) * out + first;
-                for (int j = 0; j < count; j++) yr[j] = bias ? acc[r][j] + bias[first + j] : acc[r][j];
+                const size_t row = (size_t)(r0 + r) * out + first;
+                for (int j = 0; j < count; j++) {
+                    float value = bias ? acc[r][j] + bias[first + j] : acc[r][j];
+                    if (gain) value *= gain[first + j];
+                    y[row + j] = residual ? residual[row + j] + value : value;
+                }
             }
         }
     }
+}
+
+/* Sum of a[d] * b[d]: in 16 lanes, then halved four times (no chain of dim dependent adds). */
+static inline float dot(const float *restrict a, const float *restrict b, int dim) {
+    float part[16] = {0}, tail = 0.0f;
+    int d = 0;
+    for (; d + 16 <= dim; d += 16)
+        for (int j = 0; j < 16; j++) part[j] += a[d + j] * b[d + j];
+    for (; d < dim; d++) tail += a[d] * b[d];
+    for (int width = 8; width >= 1; width /= 2)
+        for (int j = 0; j < width; j++) part[j] += part[j + width];
+    return part[0] + tail;
+}
+
+/* exp(x) for x <= 0, within ~2 ulp, in plain arithmetic so that a loop of it vectorizes (libm's expf
+ * is one call per value): x = n·ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7, and
+ * 2^n put in the exponent bits. Below -87 (where exp(x) < 2^-125) it returns ~1.6e-38, not 0. */
+static inline float exp_nonpositive(float x) {
+    const float magic = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
+    x = x < -87.0f ? -87.0f : x;
+    const float n = (x * 1.44269504088896341f + magic) - magic;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln 2 = 0.693359375 - 2.12194440e-4 */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int bits = ((int)n + 127) << 23;
+    float scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
 /* Causal sliding-window attention of a few query steps over the keys and values kept by a stream.
@@ -91,33 +129,66 @@ void mimi_window_attention(const float *q, long q_head, long q_step, const float
             const float *qs = q + (size_t)h * q_head + (size_t)s * q_step;
             const int last = num_past + s < keys - 1 ? num_past + s : keys - 1;
             const int first = last - window + 1 > 0 ? last - window + 1 : 0;
+            const int count = last - first + 1;
+            float *p = scores + first;
             float top = -__builtin_inff();
-            for (int t = first; t <= last; t++) {
-                const float *kt = kh + (size_t)t * dim;
-                float part[16] = {0};
-                int d = 0;
-                for (; d + 16 <= dim; d += 16)
-                    for (int j = 0; j < 16; j++) part[j] += qs[d + j] * kt[d + j];
-                for (; d < dim; d++) part[0] += qs[d] * kt[d];
-                float dot = 0.0f;
-                for (int j = 0; j < 16; j++) dot += part[j];
-                scores[t] = dot * scale;
-                if (scores[t] > top) top = scores[t];
+            for (int t = 0; t < count; t++) {
+                p[t] = dot(qs, kh + (size_t)(first + t) * dim, dim) * scale;
+                top = p[t] > top ? p[t] : top;
             }
-            float total = 0.0f;
-            for (int t = first; t <= last; t++) {
-                scores[t] = expf(scores[t] - top);
-                total += scores[t];
+            float part[16] = {0}, total = 0.0f;
+            int t = 0;
+            for (; t + 16 <= count; t += 16)
+                for (int j = 0; j < 16; j++) {
+                    p[t + j] = exp_nonpositive(p[t + j] - top);
+                    part[j] += p[t + j];
+                }
+            for (; t < count; t++) {
+                p[t] = exp_nonpositive(p[t] - top);
+                total += p[t];
             }
+            for (int j = 0; j < 16; j++) total += part[j];
             float *os = out + ((size_t)s * heads + h) * dim;
             for (int d = 0; d < dim; d++) os[d] = 0.0f;
-            for (int t = first; t <= last; t++) {
-                const float *vt = vh + (size_t)t * dim;
-                const float p = scores[t];
-                for (int d = 0; d < dim; d++) os[d] += p * vt[d];
+            for (t = 0; t < count; t++) {
+                const float *vt = vh + (size_t)(first + t) * dim;
+                for (int d = 0; d < dim; d++) os[d] += p[t] * vt[d];
             }
             const float inverse = 1.0f / total;
             for (int d = 0; d < dim; d++) os[d] *= inverse;
         }
     }
+}
+
+/* One streamed call of a layer's attention from its stacked projections, before the output projection.
+ *
+ * qkv: [steps][3][heads][dim] (q, k, v of each step); cos, sin: [steps][dim], the "rotate half" RoPE
+ * tables of the steps' positions. The rotated keys and the values of the steps are written into k, v
+ * ([heads][num_past + steps][dim], head stride kv_head) after the num_past kept ones, then the steps
+ * attend as in `mimi_window_attention`. q_rotated: room for [heads][steps][dim]; out: [steps][heads][dim]. */
+void mimi_rope_attention(const float *qkv, const float *cos, const float *sin, float *k, float *v,
+                         long kv_head, int heads, int steps, int dim, int num_past, int window, float scale,
+                         float *q_rotated, float *scores, float *out) {
+    const int half = dim / 2, width = heads * dim;
+    for (int s = 0; s < steps; s++) {
+        const float *c = cos + (size_t)s * dim, *n = sin + (size_t)s * dim;
+        for (int h = 0; h < heads; h++) {
+            const float *qs = qkv + (size_t)s * 3 * width + (size_t)h * dim;
+            const float *ks = qs + width, *vs = qs + 2 * width;
+            float *qr = q_rotated + ((size_t)h * steps + s) * dim;
+            float *kr = k + (size_t)h * kv_head + (size_t)(num_past + s) * dim;
+            float *vr = v + (size_t)h * kv_head + (size_t)(num_past + s) * dim;
+            for (int i = 0; i < half; i++) {
+                qr[i] = qs[i] * c[i] - qs[i + half] * n[i];
+                kr[i] = ks[i] * c[i] - ks[i + half] * n[i];
+            }
+            for (int i = half; i < dim; i++) {
+                qr[i] = qs[i] * c[i] + qs[i - half] * n[i];
+                kr[i] = ks[i] * c[i] + ks[i - half] * n[i];
+            }
+            for (int i = 0; i < dim; i++) vr[i] = vs[i];
+        }
+    }
+    mimi_window_attention(q_rotated, (long)steps * dim, dim, k, v, kv_head, heads, steps, num_past + steps, dim,
+                          num_past, window, scale, scores, out);
 }

@@ -137,16 +137,35 @@ class Attention(onednn.HoldsPacked, nn.Module):
         out = sliding_window_attention(q, k, v, self.window, num_past)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
+    def frame(
+        self, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream
+    ) -> torch.Tensor | None:
+        """A streamed one-frame call (rows [2, C], CPU) before the output projection: [2, C] from the
+        stacked projection and one C call for RoPE, the stream's window and the attention
+        (`native.rope_attention`); None where the C kernel is not available (see `forward`)."""
+        packed = self._packed_qkv()
+        if not isinstance(packed, native.PackedBlocks):
+            return None
+        qkv = packed.times_rows(rows, None)
+        state, _ = layer_state(stream, self, _KeyValueWindow)
+        shape = (1, self.num_heads, rows.shape[0], self.head_dim)
+        k, v, num_past = state.reserve(shape, qkv, keep=self.window - 1)
+        return native.rope_attention(qkv, cos, sin, k, v, num_past, self.window)
+
+    def _packed_qkv(self) -> PackedForRows | None:
+        if self.packed_qkv is None:
+            stacked = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            self.packed_qkv = pack_for_rows(stacked)
+        return self.packed_qkv
+
     def _frame_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v of a one-frame call (two rows, CPU) from one product with the three weights stacked
         and packed (`linear.pack_for_rows`, on first use): one [1536, 512] weight is read faster than
         three [512, 512] ones. Where no packing is available, three products."""
-        if self.packed_qkv is None:
-            stacked = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            self.packed_qkv = pack_for_rows(stacked)
-            if self.packed_qkv is None:
-                return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        qkv = self.packed_qkv.times_rows(x.reshape(ONE_FRAME_ROWS, -1), None)
+        packed = self._packed_qkv()
+        if packed is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qkv = packed.times_rows(x.reshape(ONE_FRAME_ROWS, -1), None)
         return qkv.view(*x.shape[:2], 3, -1).unbind(2)
 
 
@@ -165,18 +184,27 @@ class _KeyValueWindow:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """k, v: [B, H, T, D] → (kept + new keys, kept + new values, number kept); keeps the last `keep`."""
-        steps, past, buffer = k.shape[2], self.kept, self.buffer
+        keys, values, past = self.reserve(k.shape, k, keep)
+        keys[:, :, past:] = k
+        values[:, :, past:] = v
+        return keys, values, past
+
+    def reserve(
+        self, shape: tuple[int, ...], like: torch.Tensor, keep: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for T new steps (shape [B, H, T, D]; dtype and device of `like`) after the kept ones:
+        (keys, values, number kept), [B, H, kept + T, D] views whose last T steps the caller writes."""
+        batch, heads, steps, dim = shape
+        past, buffer = self.kept, self.buffer
         if buffer is None or self.end + steps > buffer.shape[3]:
             capacity = 2 * keep + steps  # room for `keep` steps to move to the front without overlap
             old = buffer
             if old is None or capacity > old.shape[3]:
-                buffer = k.new_empty(2, *k.shape[:2], capacity, k.shape[3])
+                buffer = like.new_empty(2, batch, heads, capacity, dim)
             if old is not None and past:
                 buffer[..., :past, :] = old[..., self.end - past : self.end, :]
             self.buffer, self.end = buffer, past
         start, self.end = self.end - past, self.end + steps
-        buffer[0, :, :, start + past : self.end] = k
-        buffer[1, :, :, start + past : self.end] = v
         self.kept = min(keep, past + steps)
         window = buffer[:, :, :, start : self.end]
         return window[0], window[1], past
@@ -217,8 +245,38 @@ class TransformerLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream | None = None
     ) -> torch.Tensor:
+        if stream is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            if (
+                x.numel() == ONE_FRAME_ROWS * x.shape[-1]
+                and (y := self._frame(x, cos, sin, stream)) is not None
+            ):
+                return y
         x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, stream))
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+
+    def _frame(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: Stream
+    ) -> torch.Tensor | None:
+        """A streamed one-frame call in 7 operations: the products run in the C kernel (`native`), the
+        layer scales and residual sums inside them; None where a weight is not in its blocks."""
+        attention, mlp = self.self_attn, self.mlp
+        packed = [layer.packed_for_rows() for layer in (attention.o_proj, mlp.fc1, mlp.fc2)]
+        if not all(isinstance(p, native.PackedBlocks) for p in packed):
+            return None
+        rows = x.reshape(ONE_FRAME_ROWS, -1)
+        norm = self.input_layernorm
+        mixed = attention.frame(
+            F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps), cos, sin, stream
+        )
+        if mixed is None:
+            return None
+        rows = packed[0].times_rows(mixed, None, self.self_attn_layer_scale.scale, rows)
+        norm = self.post_attention_layernorm
+        hidden = packed[1].times_rows(
+            F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps), None
+        )
+        rows = packed[2].times_rows(F.gelu(hidden), None, self.mlp_layer_scale.scale, rows)
+        return rows.view(x.shape)
 
 
 class Transformer(nn.Module):
