@@ -176,6 +176,17 @@ def test_few_outputs_of_a_large_kernel_are_rows_times_the_kernel(monkeypatch, tr
     assert layer.packed_rows is None and layer.packed is None
 
 
+def test_few_outputs_without_the_c_kernel_take_onednn(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)
+    layer = CausalConv1d(512, 64, 16, 8)
+    x = torch.randn(1, 512, 24)
+    expected = layer.conv(F.pad(x, (8, 0)))
+    with torch.inference_mode():
+        out = layer(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert layer.packed_rows is None and (layer.packed is not None or not onednn.usable())
+
+
 def test_without_onednn_convs_fall_back_to_torch(monkeypatch):
     monkeypatch.setattr(onednn, "usable", lambda: False)
     layer, transposed = CausalConv1d(6, 5, 4, 2), CausalConvTranspose1d(5, 3, 4, 2)

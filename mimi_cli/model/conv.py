@@ -103,8 +103,9 @@ class _DerivedKernel(onednn.HoldsPacked, nn.Module):
         taps = self.conv.kernel_size[0] if isinstance(self.conv, nn.Conv1d) else 2
         outputs = (x.shape[1] - taps) // stride + 1
         if (
-            x.device.type == "cpu" and x.shape[0] == 1 and groups == 1 and dilation == 1
-            and 0 < outputs <= ROWS_MAX_OUTPUTS and self.conv.weight.numel() >= ROWS_MIN_VALUES
+            x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1
+            and groups == 1 and dilation == 1 and 0 < outputs <= ROWS_MAX_OUTPUTS
+            and self.conv.weight.numel() >= ROWS_MIN_VALUES
             and self._rows_kernel() is not None
         ):  # fmt: skip
             return self._convolve_rows(x, bias, taps, stride, outputs)
@@ -123,7 +124,7 @@ class _DerivedKernel(onednn.HoldsPacked, nn.Module):
 
     def _rows_kernel(self) -> native.PackedBlocks | None:
         """The kernel as [C_out, k · C_in] (taps outer) in the C kernel's blocks, made on first use."""
-        if self.packed_rows is None:
+        if self.packed_rows is None and native.library() is not None:
             if self.kernel.numel() == 0:
                 self.prepare()
             kernel = self.kernel[:, :, 0]  # [C_out, C_in, k]

@@ -105,6 +105,8 @@ def pack_rows(weight: torch.Tensor) -> PackedRows | None:
     taps and stride `taps` gives one output per row: oneDNN reads a large weight that way ~10–40 %
     faster than the BLAS reads it for two rows. None where oneDNN can't be used.
     """
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not usable():
+        return None
     out_features, in_features = weight.shape
     taps = 2 if in_features % 2 == 0 else 1
     kernel = weight.reshape(out_features, taps, in_features // taps).permute(0, 2, 1).unsqueeze(2)

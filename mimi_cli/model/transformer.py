@@ -153,7 +153,7 @@ class Attention(onednn.HoldsPacked, nn.Module):
         return native.rope_attention(qkv, cos, sin, k, v, num_past, self.window)
 
     def _packed_qkv(self) -> PackedForRows | None:
-        if self.packed_qkv is None:
+        if self.packed_qkv is None and (native.library() is not None or onednn.usable()):
             stacked = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
             self.packed_qkv = pack_for_rows(stacked)
         return self.packed_qkv
