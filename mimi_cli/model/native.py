@@ -38,6 +38,14 @@ FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
 TUNE_FLAGS = ("-march=native",)  # dropped where the compiler refuses them
 COMPILE_TIMEOUT_S = 120
 
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+_SIGNATURES = {  # the functions of one_frame.c: (result, arguments)
+    "mimi_block_size": (_I, []),
+    "mimi_rows_times_blocks": (None, [_P, _I, _I, _P, _L, _I, _P, _P, _P, _P]),
+    "mimi_window_attention": (None, [_P, _L, _L, _P, _P, _L, _I, _I, _I, _I, _I, _I, _F, _P, _P]),
+    "mimi_rope_attention": (None, [_P, _P, _P, _P, _P, _L, _I, _I, _I, _I, _I, _F, _P, _P, _P]),
+}
+
 
 @dataclass(frozen=True)
 class PackedBlocks:
@@ -161,25 +169,9 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    lib.mimi_block_size.restype = ctypes.c_int
-    lib.mimi_block_size.argtypes = []
-    lib.mimi_rows_times_blocks.restype = None
-    lib.mimi_rows_times_blocks.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-    ]  # fmt: skip
-    lib.mimi_window_attention.restype = None
-    lib.mimi_window_attention.argtypes = [
-        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-        ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
-    ]  # fmt: skip
-    lib.mimi_rope_attention.restype = None
-    lib.mimi_rope_attention.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-    ]  # fmt: skip
+    for name, (result, arguments) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
     return lib if _agrees_with_torch(lib) else None
 
 
