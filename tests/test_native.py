@@ -241,3 +241,30 @@ def test_streamed_frames_take_the_fused_layer(monkeypatch):
         streamed = torch.cat([model(x[:, i : i + 2], stream) for i in range(0, 24, 2)], dim=1)
     torch.testing.assert_close(streamed, expected, rtol=1e-4, atol=1e-4)
     assert calls == [min(i, 4) for i in range(0, 24, 2) for _ in range(2)]  # keys kept: up to window - 1
+
+
+@needs_compiler
+def test_one_row_residual_quantization_is_one_call_and_equals_the_whole_pass(monkeypatch):
+    from mimi_cli.config import MimiConfig
+    from mimi_cli.model.quantizer import ResidualVectorQuantizer
+
+    config = MimiConfig(hidden_size=48, codebook_dim=16, codebook_size=64)
+    quantizer = ResidualVectorQuantizer(config, 6)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        quantizer.input_proj.weight.copy_(torch.randn(quantizer.input_proj.weight.shape, generator=generator))
+        for layer in quantizer.layers:
+            layer.codebook.embed_sum.copy_(torch.randn(64, 16, generator=generator) * 3)
+            layer.codebook.cluster_usage.uniform_(0.5, 2.0, generator=generator)
+            layer.codebook.prepare()
+    latents = torch.randn(1, 50, 48, generator=generator)
+    calls = []
+    fused = native.residual_codes
+    monkeypatch.setattr(native, "residual_codes", lambda *a: calls.append(len(a[1])) or fused(*a))
+    with torch.inference_mode():
+        whole = quantizer.encode(latents, 5)
+        assert calls == []  # 50 rows: torch's path
+        one_by_one = torch.cat([quantizer.encode(latents[:, i : i + 1], 5) for i in range(50)], dim=2)
+    assert calls == [5] * 50
+    assert torch.equal(one_by_one, whole)
+    assert whole.unique().numel() > 30  # the check means something

@@ -44,6 +44,7 @@ _SIGNATURES = {  # the functions of one_frame.c: (result, arguments)
     "mimi_rows_times_blocks": (None, [_P, _I, _I, _P, _L, _I, _P, _P, _P, _P]),
     "mimi_window_attention": (None, [_P, _L, _L, _P, _P, _L, _I, _I, _I, _I, _I, _I, _F, _P, _P]),
     "mimi_rope_attention": (None, [_P, _P, _P, _P, _P, _L, _I, _I, _I, _I, _I, _F, _P, _P, _P]),
+    "mimi_residual_codes": (None, [_P, _I, _I, _P, _P, _L, _I, _P, _P]),
 }
 
 
@@ -143,6 +144,27 @@ def rope_attention(
         q_rotated.data_ptr(), scores.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def residual_codes(
+    residual: torch.Tensor, tables: list[PackedBlocks], centroids: list[torch.Tensor]
+) -> torch.Tensor:
+    """Residual vector quantization of one row: residual [dim] → codes [len(tables)] (int64).
+
+    Codebook c's distance table [size, dim + 2] is `tables[c]` (`Codebook.nearest`'s [e, 1, |e|²],
+    in blocks) and its centroids `centroids[c]` ([size, dim], rows with the table's stride, steps of
+    1); each code is the one `Codebook.nearest` picks for what the codebooks before it left.
+    """
+    count, (size, dim) = len(tables), centroids[0].shape
+    residual = residual.reshape(dim).float().clone()  # replaced by what remains
+    scratch, codes = residual.new_empty(dim + 2 + size), torch.empty(count, dtype=torch.long)
+    library().mimi_residual_codes(
+        residual.data_ptr(), dim, count,
+        (ctypes.c_void_p * count)(*[table.blocks.data_ptr() for table in tables]),
+        (ctypes.c_void_p * count)(*[table.data_ptr() for table in centroids]),
+        centroids[0].stride(0), size, scratch.data_ptr(), codes.data_ptr(),
+    )  # fmt: skip
+    return codes
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:

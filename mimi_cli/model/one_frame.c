@@ -6,6 +6,7 @@
  * ([out / BLOCK][in][BLOCK], see `native.pack`), read once from start to end with the next
  * pages prefetched, while up to four rows accumulate in registers.
  */
+#include <math.h>
 #include <stddef.h>
 
 #define BLOCK 32    /* outputs per block: 2 AVX-512 or 4 AVX2 registers per row */
@@ -191,4 +192,40 @@ void mimi_rope_attention(const float *qkv, const float *cos, const float *sin, f
     }
     mimi_window_attention(q_rotated, (long)steps * dim, dim, k, v, kv_head, heads, steps, num_past + steps, dim,
                           num_past, window, scale, scores, out);
+}
+
+/* Residual vector quantization of one row against `count` codebooks in turn.
+ *
+ * residual [dim] is replaced by what remains; for codebook c, tables[c] is its distance table
+ * [size][e, 1, |e|²] in blocks (as for `mimi_rows_times_blocks`, with in = dim + 2) and centroids[c]
+ * its centroids, row r at centroids[c] + r * centroid_stride. The distances are those of
+ * `Codebook.nearest`: sqrt(max(0, [-2x, |x|², 1] · [e, 1, |e|²])), the first smallest wins.
+ * scratch: room for dim + 2 + size floats. codes: count int64. */
+void mimi_residual_codes(float *residual, int dim, int count, const float *const *tables,
+                         const float *const *centroids, long centroid_stride, int size, float *scratch,
+                         long long *codes) {
+    float *padded = scratch, *distances = scratch + dim + 2;
+    for (int c = 0; c < count; c++) {
+        float part[16] = {0}, norm = 0.0f;
+        int i = 0;
+        for (; i + 16 <= dim; i += 16)
+            for (int j = 0; j < 16; j++) part[j] += residual[i + j] * residual[i + j];
+        for (; i < dim; i++) norm += residual[i] * residual[i];
+        for (int width = 8; width >= 1; width /= 2)
+            for (int j = 0; j < width; j++) part[j] += part[j + width];
+        norm += part[0];
+        for (i = 0; i < dim; i++) padded[i] = residual[i] * -2.0f;
+        padded[dim] = norm;
+        padded[dim + 1] = 1.0f;
+        mimi_rows_times_blocks(tables[c], dim + 2, size, padded, 0, 1, 0, 0, 0, distances);
+        int best = 0;
+        float nearest = sqrtf(distances[0] > 0.0f ? distances[0] : 0.0f);
+        for (int r = 1; r < size; r++) {
+            const float distance = sqrtf(distances[r] > 0.0f ? distances[r] : 0.0f);
+            if (distance < nearest) nearest = distance, best = r;
+        }
+        codes[c] = best;
+        const float *centroid = centroids[c] + (size_t)best * centroid_stride;
+        for (i = 0; i < dim; i++) residual[i] -= centroid[i];
+    }
 }

@@ -65,9 +65,7 @@ class Codebook(onednn.HoldsPacked, nn.Module):
         norms = x.pow(2).sum(-1, keepdim=True)
         padded = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
         if padded.shape[0] == 1 and padded.device.type == "cpu":
-            if self.packed_table is None:
-                self.packed_table = native.pack(self.distance_table[0])
-            if self.packed_table is not None:
+            if self.one_row_table() is not None:
                 products = self.packed_table.times_rows(padded, None)
             else:
                 rows = padded.expand(ONE_FRAME_ROWS, -1)
@@ -75,6 +73,13 @@ class Codebook(onednn.HoldsPacked, nn.Module):
         else:
             products = padded[None].matmul(self.distance_table.mT)[0]
         return products.clamp_min_(0).sqrt_().argmin(dim=-1)
+
+    def one_row_table(self) -> native.PackedBlocks | None:
+        """The distance table in the C kernel's blocks (made on first use); None where it can't be used."""
+        if self.packed_table is None:
+            self.centroids()
+            self.packed_table = native.pack(self.distance_table[0])
+        return self.packed_table
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -94,6 +99,12 @@ class ResidualVectorQuantizer(nn.Module):
         if frames == 0:
             return latents.new_zeros(batch, num_codebooks, 0, dtype=torch.long)
         residual = F.linear(latents.float(), self.input_proj.weight[:, :, 0]).reshape(batch * frames, -1)
+        if batch * frames == 1 and residual.device.type == "cpu":
+            codebooks = [self.layers[k].codebook for k in range(num_codebooks)]
+            tables = [codebook.one_row_table() for codebook in codebooks]
+            if all(table is not None for table in tables):  # one C call for every codebook
+                centroids = [codebook.centroids() for codebook in codebooks]
+                return native.residual_codes(residual, tables, centroids).view(1, num_codebooks, 1)
         codes = []
         for k in range(num_codebooks):  # (slicing a ModuleList builds a new module on every call)
             layer = self.layers[k]
