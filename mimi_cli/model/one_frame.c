@@ -206,16 +206,9 @@ void mimi_residual_codes(float *residual, int dim, int count, const float *const
                          long long *codes) {
     float *padded = scratch, *distances = scratch + dim + 2;
     for (int c = 0; c < count; c++) {
-        float part[16] = {0}, norm = 0.0f;
-        int i = 0;
-        for (; i + 16 <= dim; i += 16)
-            for (int j = 0; j < 16; j++) part[j] += residual[i + j] * residual[i + j];
-        for (; i < dim; i++) norm += residual[i] * residual[i];
-        for (int width = 8; width >= 1; width /= 2)
-            for (int j = 0; j < width; j++) part[j] += part[j + width];
-        norm += part[0];
+        int i;
         for (i = 0; i < dim; i++) padded[i] = residual[i] * -2.0f;
-        padded[dim] = norm;
+        padded[dim] = dot(residual, residual, dim);
         padded[dim + 1] = 1.0f;
         mimi_rows_times_blocks(tables[c], dim + 2, size, padded, 0, 1, 0, 0, 0, distances);
         int best = 0;
