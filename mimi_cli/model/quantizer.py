@@ -23,7 +23,7 @@ class Codebook(onednn.HoldsPacked, nn.Module):
     compare, and the codebooks a run does not use are never read.
     """
 
-    PACKED = ("packed_table",)  # the distance table in the C kernel's blocks, for one-row calls
+    PACKED = ("packed_table",)  # the distance table in the C kernel's blocks, for one-row encodes
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
@@ -57,19 +57,16 @@ class Codebook(onednn.HoldsPacked, nn.Module):
         matrix product of [-2x, |x|², 1] with [e, 1, |e|²], clamped at 0, square root), so they round
         as the reference does and near-ties resolve to the same centroid; the centroids' half of
         that product is prepared once instead of on every call (it dominates one-frame calls).
-        A one-frame call (one row, on CPU) reads the table in the C kernel's blocks (`native`, ~30 GB/s),
-        else puts its row in twice and reads the table as the left operand (`linear.weight_times_rows`),
-        which the BLAS reads about twice as fast as the right one.
+        A one-row CPU call puts its row in twice and reads the table as the left operand
+        (`linear.weight_times_rows`), which the BLAS reads about twice as fast as the right one.
+        (A one-frame encode with the C kernel does not come here: `native.residual_codes`.)
         """
         self.centroids()  # builds the distance table on first use
         norms = x.pow(2).sum(-1, keepdim=True)
         padded = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
         if padded.shape[0] == 1 and padded.device.type == "cpu":
-            if self.one_row_table() is not None:
-                products = self.packed_table.times_rows(padded, None)
-            else:
-                rows = padded.expand(ONE_FRAME_ROWS, -1)
-                products = weight_times_rows(self.distance_table[0], rows, None)[:1]
+            rows = padded.expand(ONE_FRAME_ROWS, -1)
+            products = weight_times_rows(self.distance_table[0], rows, None)[:1]
         else:
             products = padded[None].matmul(self.distance_table.mT)[0]
         return products.clamp_min_(0).sqrt_().argmin(dim=-1)

@@ -53,8 +53,8 @@ def sliding_window_attention(
     block = block or min(window, max(steps, 1))  # a short call needs no window-long query blocks
     if steps <= block:  # one block (a streamed frame): the keys need no padding
         out = native.window_attention(q, k, v, num_past, window) if steps <= ONE_FRAME_ROWS else None
-        if out is not None:  # one pass over the keys: ~3 times faster than torch's fused CPU kernel here
-            return out
+        if out is not None:  # one pass over a cold window: 89 µs a layer against torch's 119 (streamed
+            return out  # two-step calls with the C kernel take `TransformerLayer._frame` instead)
         mask = _recent_keys_mask(steps, num_past, window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     span = window - 1 + block
