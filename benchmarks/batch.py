@@ -42,9 +42,9 @@ from machine import describe, load_average  # noqa: E402  (benchmarks/, the scri
 from signals import speech_like  # noqa: E402
 from weights_factory import random_state, write_hub_layout  # noqa: E402
 
-from mimi_cli.cli.common import DEFAULT_JOBS  # noqa: E402
 from mimi_cli.config import DEFAULT_CODEBOOKS, MimiConfig  # noqa: E402
 from mimi_cli.container import read_codes  # noqa: E402
+from mimi_cli.device import default_workers, resolve_device  # noqa: E402
 
 SEED = 1234
 RATES = (16_000, 22_050, 44_100)
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "codebooks": DEFAULT_CODEBOOKS,
     }
-    settings = {"--jobs 1": ["--jobs", "1"], f"default (--jobs {DEFAULT_JOBS})": []}
+    jobs = default_workers(resolve_device())  # what `mimi encode` picks without --jobs
+    settings = {"--jobs 1": ["--jobs", "1"], f"default (--jobs {jobs})": []}
     with tempfile.TemporaryDirectory(prefix="mimi-bench-batch-") as tmp:
         work = Path(tmp)
         weights = work / "weights"
