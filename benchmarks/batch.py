@@ -5,7 +5,7 @@ What it measures (everything under a temporary directory):
   encoded by the real CLI, `mimi encode IN OUT -w WEIGHTS --quiet --json`, as a subprocess into a fresh
   OUT each time, with random full-size weights. The two settings alternate, `--repeats` times each
   (1 by default, about a minute per repeat on two idle cores; 3 for a median);
-  the median is reported.
+  the median is reported. `--smoke` checks the script in seconds: 6 files, a tiny model, one repeat.
 
 How to read it: "× real time" is seconds of audio encoded per second of wall time (the throughput;
 higher is faster). "end to end" is the subprocess's wall time, interpreter start-up and weight loading
@@ -38,9 +38,9 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from machine import describe, load_average  # noqa: E402  (benchmarks/, the script's folder)
+from machine import describe, header, load_average  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
-from weights_factory import random_state, write_hub_layout  # noqa: E402
+from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli.config import DEFAULT_CODEBOOKS, MimiConfig  # noqa: E402
 from mimi_cli.container import read_codes  # noqa: E402
@@ -146,13 +146,10 @@ def figures(runs: list[dict[str, Any]], files: int, audio: float) -> dict[str, A
 
 
 def print_report(env: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
-    print(
-        f"torch {env['torch']}, {env['cores']} cores, CPU: {env['cpu']}, Python {env['python']}; "
-        f"load average before {env['load_before']}, after {env['load_after']}"
-    )
+    print(header(env))
     print(
         f"\n## Folder encode: {env['files']} files, {env['audio_s']:.0f} s of audio "
-        f"(median of {env['repeats']}; full-size random weights, {env['codebooks']} codebooks)\n"
+        f"(median of {env['repeats']}; {env['model']} random weights, {env['codebooks']} codebooks)\n"
     )
     print("| run | end to end (s) | files/s | × real time (audio s/s) | in batch (s) | in batch × rt |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -188,12 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=100, help="number of input files")
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="6 files, tiny model: checks the script")
     args = parser.parse_args(argv)
     if args.files < 1 or args.repeats < 1:
         parser.error("--files and --repeats must be at least 1")
+    if args.smoke:
+        args.files, args.repeats = 6, 1
 
     env: dict[str, Any] = {
-        **describe(),
+        **describe(args.smoke),
+        "model": "tiny" if args.smoke else "full-size",
         "files": args.files,
         "repeats": args.repeats,
         "codebooks": DEFAULT_CODEBOOKS,
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="mimi-bench-batch-") as tmp:
         work = Path(tmp)
         weights = work / "weights"
-        config = MimiConfig()
+        config = TINY_CONFIG if args.smoke else MimiConfig()
         write_hub_layout(weights, config, random_state(config, SEED))
         env["audio_s"] = make_files(work / "in", args.files, SEED)
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}

@@ -16,6 +16,9 @@ run's: above 1 is what Ray costs on one machine, where it cannot add hardware; o
 more machines. All three runs must write byte-identical shards; the script checks that. It also
 measures the share of the CPUs other processes used during each run (noisy above 10 %).
 
+`--smoke` checks the script: 6 files and a tiny model, every run but the Ray head's (starting and
+stopping a head takes about half a minute by itself).
+
 (The file is not named tokenize.py: a script's folder goes first on sys.path, and a `tokenize.py`
 there would shadow the standard library's `tokenize`, which torch imports.)
 """
@@ -37,8 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from batch import BUSY, SEED, make_files, run_measured  # noqa: E402
 from corpora import env as ray_env  # noqa: E402
 from corpora import parts, ray_head_on_localhost  # noqa: E402
-from machine import describe, load_average  # noqa: E402  (benchmarks/, the script's folder)
-from weights_factory import random_state, write_hub_layout  # noqa: E402
+from machine import describe, header, load_average  # noqa: E402  (benchmarks/, the script's folder)
+from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli.config import MimiConfig  # noqa: E402
 
@@ -65,16 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=100, help="number of input files (at least 100)")
     parser.add_argument("--shard-size", type=int, default=25, help="inputs per shard")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="6 files, tiny model: checks the script")
     args = parser.parse_args(argv)
     if args.files < 1 or args.shard_size < 1:
         parser.error("--files and --shard-size must be at least 1")
+    if args.smoke:
+        args.files, args.shard_size = 6, 2
 
-    info: dict[str, Any] = {**describe(), "files": args.files}
+    info: dict[str, Any] = {**describe(args.smoke), "files": args.files}
+    info["model"] = "tiny" if args.smoke else "full-size"
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="mimi-bench-tokenize-") as tmp:
         work = Path(tmp)
         weights = work / "weights"
-        config = MimiConfig()
+        config = TINY_CONFIG if args.smoke else MimiConfig()
         write_hub_layout(weights, config, random_state(config, SEED))
         info["audio_s"] = make_files(work / "in", args.files, SEED)
         shards: dict[str, dict[str, bytes]] = {}
@@ -87,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         measure("local", ["--engine", "local"])
         measure("local, 1 torch thread", ["--engine", "local"], threads=1)
         measure("ray (own)", ["--engine", "ray"])
-        with ray_head_on_localhost(cpus=os.cpu_count() or 1) as address:
-            measure("ray (head)", ["--engine", "ray", "--address", address])
+        if not args.smoke:
+            with ray_head_on_localhost(cpus=os.cpu_count() or 1) as address:
+                measure("ray (head)", ["--engine", "ray", "--address", address])
         info["load_after"] = load_average()
         reference = shards["local"]
         info["identical"] = all(s == reference for s in shards.values()) and len(reference) > 0
@@ -100,13 +108,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
-    print(
-        f"torch {info['torch']}, {info['cores']} cores, CPU: {info['cpu']}, Python {info['python']}; "
-        f"load average before {info['load_before']}, after {info['load_after']}"
-    )
+    print(header(info))
     print(
         f"\n## mimi tokenize: {info['files']} files, {info['audio_s']:.0f} s of audio "
-        "(full-size random weights, 16 codebooks, batch size 1 on CPU)\n"
+        f"({info['model']} random weights, 16 codebooks, batch size 1 on CPU)\n"
     )
     print("| engine | end to end (s) | h audio / h | in run (s) | ÷ local | ÷ local 1 thread | others' CPU |")
     print("|---|---:|---:|---:|---:|---:|---:|")
