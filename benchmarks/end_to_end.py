@@ -110,12 +110,15 @@ def bench_end_to_end(
     codebooks: int,
     reference: bool,
     baseline: Path | None = None,
+    warm: bool = True,
 ) -> dict[str, Any]:
+    """{label: figures} of every command line (see `run_rounds`); `warm`: False skips the untimed round."""
     env = {**os.environ, "MIMI_CACHE_DIR": str(workdir / "cache")}  # never the user's cache
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     cmds = commands(folder, workdir, wavs, codebooks, reference, baseline)
     shortest = f" {min(wavs):g} s"  # the short input's commands warm the same caches as the long one's
-    return run_rounds(cmds, repeats, env, {label for label in cmds if label.endswith(shortest)})
+    warming = {label for label in cmds if warm and label.endswith(shortest)}
+    return run_rounds(cmds, repeats, env, warming)
 
 
 def print_end_to_end(results: dict[str, Any], codebooks: int, repeats: int) -> None:

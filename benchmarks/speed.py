@@ -17,6 +17,8 @@ above 1 keeps up with live audio). The ratio row is ours ÷ transformers, so abo
 "codes differing" must stay near 0 (float near-ties in the nearest-centroid search may flip a few);
 otherwise the two models are not doing the same work and the comparison means nothing.
 Random weights run the same arithmetic as the released ones, so the timings transfer.
+`--smoke` checks the script in seconds: a tiny model, 2 s of audio, one repeat, one 1 s end-to-end input
+and no untimed warm-up round.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,15 +41,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from end_to_end import bench_breakdown, bench_end_to_end, print_breakdown, print_end_to_end  # noqa: E402
-from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
+from machine import describe, header  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
-from weights_factory import random_state, write_hub_layout  # noqa: E402
+from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli import load_model  # noqa: E402
 from mimi_cli.config import MimiConfig  # noqa: E402
 
 SAMPLE_RATE = 24_000
 END_TO_END_SECONDS = (60.0, 5.0)
+SMOKE_END_TO_END_SECONDS = (1.0,)
 SEED = 1234
 NOISY_SPREAD = 1.3  # slowest run above this × the fastest: something else was probably using the CPU
 
@@ -135,9 +137,11 @@ def noisy_runs(models: dict) -> list[str]:
 
 
 def print_report(env: dict, models: dict) -> None:
-    print(f"torch {env['torch']}, {env['threads']} threads, CPU: {env['cpu']}, Python {env['python']}")
-    seconds, codebooks = env["seconds"], env["codebooks"]
-    print(f"\n## Model speed ({seconds:g} s speech-like signal, {codebooks} codebooks, float32)\n")
+    seconds, codebooks, threads = env["seconds"], env["codebooks"], env["threads"]
+    print(
+        f"\n## Model speed ({seconds:g} s speech-like signal, {codebooks} codebooks, float32, "
+        f"{threads} threads)\n"
+    )
     print("| | encode × real time | decode × real time |")
     print("|---|---:|---:|")
     for name in ("ours", "transformers"):
@@ -167,22 +171,25 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline", type=Path, help="also time `mimi` of this other checkout end to end (before/after)"
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, short inputs: checks the script")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.repeats = 2.0, 1
 
     torch.set_num_threads(os.cpu_count() or 1)
     env = {
-        "torch": torch.__version__,
+        **describe(args.smoke),
         "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
         "codebooks": args.codebooks,
         "seconds": args.seconds,
         "repeats": args.repeats,
     }
+    print(header(env))
+    lengths = SMOKE_END_TO_END_SECONDS if args.smoke else END_TO_END_SECONDS
     with tempfile.TemporaryDirectory(prefix="mimi-bench-") as tmp:
         workdir = Path(tmp)
         folder = workdir / "weights"
-        config = MimiConfig()
+        config = TINY_CONFIG if args.smoke else MimiConfig()
         write_hub_layout(folder, config, random_state(config, SEED))
         reference = not args.skip_reference
         models = (
@@ -195,15 +202,15 @@ def main(argv: list[str] | None = None) -> None:
         cli, breakdown = None, None
         if not args.skip_cli:
             wavs = {}
-            for seconds in END_TO_END_SECONDS:
+            for seconds in lengths:
                 wavs[seconds] = workdir / f"speech_{seconds:g}s.wav"
                 sf.write(wavs[seconds], speech_like(seconds), SAMPLE_RATE)
             time.sleep(2)  # the weights settle: mimi caches the fingerprint of files older than 2 s
             cli = bench_end_to_end(
-                folder, workdir, wavs, args.repeats, args.codebooks, reference, args.baseline
+                folder, workdir, wavs, args.repeats, args.codebooks, reference, args.baseline, not args.smoke
             )
             print_end_to_end(cli, args.codebooks, args.repeats)
-            longest = max(END_TO_END_SECONDS)
+            longest = max(lengths)
             breakdown = bench_breakdown(folder, workdir, wavs[longest], longest, args.codebooks)
             print_breakdown(breakdown, longest)
     if args.json:
