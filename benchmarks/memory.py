@@ -6,7 +6,7 @@ Generates speech-like WAV inputs (16 kHz mono, so resampling is exercised) of ea
 random full-size weights, then runs each command in its own process and reports its peak
 resident memory (ru_maxrss of that process alone) and its speed as × real time, plus the growth
 of peak memory from the shortest to the longest input. The bar: peak RSS ≤ 1.5 GB and growth
-≤ 10% from 10 to 60 minutes.
+≤ 10% from 10 to 60 minutes. `--smoke` checks the script in seconds: a tiny model, 6 and 12 s.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from machine import describe, header, load_average  # noqa: E402  (benchmarks/, the script's folder)
+
 RATE = 16_000
 # Runs a command as its only child and prints that child's peak RSS (KiB on Linux) as JSON.
 _MEASURE = (
@@ -37,13 +39,14 @@ _MEASURE = (
 
 
 def write_long_wav(path: Path, minutes: float) -> None:
-    """Speech-like audio written block by block (the generator itself stays small)."""
+    """Speech-like audio written in blocks of 30 s (the generator itself stays small), or one shorter."""
     from signals import speech_like
 
-    block = speech_like(30.0, rate=RATE)
+    seconds = min(30.0, minutes * 60)
+    block = speech_like(seconds, rate=RATE)
     rng = np.random.default_rng(0)
     with sf.SoundFile(path, "w", RATE, 1, "PCM_16") as out:
-        for _ in range(round(minutes * 2)):
+        for _ in range(round(minutes * 60 / seconds)):
             out.write(np.roll(block, rng.integers(len(block))) * rng.uniform(0.5, 1.0))
 
 
@@ -57,24 +60,30 @@ def measure(command: list[str]) -> dict:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--codebooks", type=int, default=16)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 6 and 12 s: checks the script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.minutes = [0.1, 0.2]
 
-    from weights_factory import random_state, write_hub_layout
+    from weights_factory import TINY_CONFIG, random_state, write_hub_layout
 
     from mimi_cli.config import MimiConfig
+
+    info = describe(args.smoke)
+    config = TINY_CONFIG if args.smoke else MimiConfig()
 
     mimi = [sys.executable, "-m", "mimi_cli"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="mimi-bench-memory-") as tmp:
         folder = Path(tmp)
         weights = folder / "weights"
-        write_hub_layout(weights, MimiConfig(), random_state(MimiConfig(), seed=7))
+        write_hub_layout(weights, config, random_state(config, seed=7))
         for minutes in args.minutes:
             wav, packed, decoded = (folder / f"{minutes:g}min{s}" for s in (".wav", ".mimi", ".out.wav"))
             started = time.perf_counter()
@@ -97,6 +106,8 @@ def main() -> None:
             for path in (wav, packed, decoded):
                 path.unlink()
 
+    info["load_after"] = load_average()
+    print(f"\n{header(info)}")
     print("\n| input | step | peak RSS | × real time |\n|---|---|---|---|")
     for minutes, step, peak, speed in rows:
         print(f"| {minutes:g} min | {step} | {peak:.2f} GB | {speed:.1f}× |")
