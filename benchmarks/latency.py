@@ -17,7 +17,8 @@ What it measures (random full-size weights, `--codebooks` 8 by default, everythi
 The first frame is sent alone and its round trip awaited before the clock starts: that is start-up
 (loading weights, warm-up), reported separately, not latency.
 
-Run: `make bench-latency` (10 minutes) or `python benchmarks/latency.py --minutes 1`.
+Run: `make bench-latency` (10 minutes) or `python benchmarks/latency.py --minutes 1`; `--smoke` checks the
+script in seconds (a tiny model, 20 frames, 2 s of bulk audio).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
+from machine import describe, header, load_average  # noqa: E402  (benchmarks/, the script's folder)
 from signals import speech_like  # noqa: E402
-from weights_factory import random_state, write_hub_layout  # noqa: E402
+from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli import load_model  # noqa: E402
 from mimi_cli.config import FRAME_SIZE, SAMPLE_RATE, MimiConfig  # noqa: E402
@@ -148,37 +149,38 @@ def _summary(stderr: str) -> dict:
     raise RuntimeError(f"no --json summary in: {stderr[-500:]}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the live run")
     parser.add_argument("--codebooks", type=int, default=8)
     parser.add_argument("--bulk-seconds", type=float, default=20.0)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 20 frames: checks the script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.minutes, args.bulk_seconds = 0.0, 2.0
+    info = describe(args.smoke)
+    config = TINY_CONFIG if args.smoke else MimiConfig()
     frames = max(20, round(args.minutes * 60 / FRAME_SECONDS))
     torch.set_num_threads(1)  # as each live process runs
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights"
         weights.mkdir()
-        write_hub_layout(weights, MimiConfig(), random_state(MimiConfig(), seed=1234))
+        write_hub_layout(weights, config, random_state(config, seed=1234))
         model = load_model(weights)
-        load_before = os.getloadavg()[0]
         bulk_before = bulk_per_frame(model, args.codebooks, args.bulk_seconds)
         result = run_pipeline(weights, args.codebooks, frames)
         bulk_after = bulk_per_frame(model, args.codebooks, args.bulk_seconds)
-        load_after = os.getloadavg()[0]
+        info["load_after"] = load_average()
 
     bulk = [(a + b) / 2 for a, b in zip(bulk_before, bulk_after, strict=True)]
     latency = result["latency_ms"]
     minute = min(len(latency) // 2, round(60 / FRAME_SECONDS))
     drift = float(np.median(latency[-minute:]) - np.median(latency[:minute]))
     p = np.percentile
-    print(
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; "
-        f"load average {load_before:.1f} before, {load_after:.1f} after"
-    )
+    print(header(info))
     print(
         f"live run: {len(latency) + 1} frames ({(len(latency) + 1) * FRAME_SECONDS / 60:.1f} min), "
         f"{args.codebooks} codebooks, 1 thread per process; "
