@@ -138,15 +138,29 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in parts(out)}
 
 
+# Ray on 127.0.0.1 only (measured for Ray 2.60, /work/shared/RAY-LOOPBACK.md). By itself Ray rewrites
+# 127.0.0.1 to the machine's routable address, listens on 0.0.0.0/::, and its dashboard probes cloud
+# metadata services. Ray reads them on import: they go in the environment (`env()`) of every subprocess
+# that runs `ray start`, `ray status` or `ray.init`; never in a user's environment, nor in the library.
+RAY_LOOPBACK = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # 127.0.0.1 stays the node's address; servers bind it only
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",  # a dead loopback port, in case a report goes out
+    "http_proxy": "http://127.0.0.1:9",  # the metadata probes go to a dead loopback port too,
+    "no_proxy": "127.0.0.1,localhost",  # and Ray's own traffic stays direct
+}
+
+
 def env(**extra: str) -> dict[str, str]:
-    """The environment of `mimi` subprocesses: this tree first on the path, Ray quiet and local."""
+    """The environment of `mimi` and `ray` subprocesses: this tree first on the path, Ray quiet and on
+    127.0.0.1 only (`RAY_LOOPBACK`)."""
     root = str(Path(__file__).resolve().parents[1])
     base = {k: v for k, v in os.environ.items() if k not in ("MIMI_DEBUG", "MIMI_WEIGHTS")}
     path = os.pathsep.join(p for p in (root, base.get("PYTHONPATH", "")) if p)
     return {
         **base,
         "PYTHONPATH": path,
-        "RAY_USAGE_STATS_ENABLED": "0",
+        **RAY_LOOPBACK,
         "OMP_NUM_THREADS": "1",
         "RAY_AUTH_MODE": "disabled",
         **extra,
@@ -163,8 +177,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 @contextmanager
-def ray_head_on_localhost(cpus: int) -> Iterator[str]:
+def ray_head_on_localhost(cpus: int, environment: dict[str, str] | None = None) -> Iterator[str]:
     """A Ray head on 127.0.0.1 with `cpus` CPUs and a small object store; yields its address.
+
+    Every process of it binds and connects on 127.0.0.1 only: `environment` (default `env()`) must hold
+    `RAY_LOOPBACK`, and so must that of whatever joins it.
 
     Stopped at the end with every process of its group: SIGTERM (the --block process stops the node),
     then SIGKILL for anything left.
@@ -177,14 +194,16 @@ def ray_head_on_localhost(cpus: int) -> Iterator[str]:
         str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", str(cpus), "--include-dashboard=false", "--object-store-memory", "200000000",
         "--disable-usage-stats", "--temp-dir", temp,
+        "--min-worker-port", "0", "--max-worker-port", "0",  # random ports: no bind checks on 0.0.0.0
     ]  # fmt: skip
+    environment = env() if environment is None else environment
     head = subprocess.Popen(
-        command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while not _ray_ready(address):
+        while not _ray_ready(address, environment):
             if head.poll() is not None:
                 raise RuntimeError("ray start --head exited")
             if time.monotonic() > deadline:
@@ -195,9 +214,9 @@ def ray_head_on_localhost(cpus: int) -> Iterator[str]:
         _stop_group(head)
 
 
-def _ray_ready(address: str) -> bool:
+def _ray_ready(address: str, environment: dict[str, str]) -> bool:
     result = subprocess.run(
-        [str(RAY), "status", "--address", address], env=env(), capture_output=True, timeout=60
+        [str(RAY), "status", "--address", address], env=environment, capture_output=True, timeout=60
     )
     return result.returncode == 0
 
