@@ -2,7 +2,8 @@
 
 The same corpus through the local engine, a Ray instance started for the run, and the running head
 (`--address`) gives the same shard files byte for byte; a Ray worker killed mid-run still leaves every
-row exactly once. Each run is a `mimi` subprocess, as a user would start it.
+row exactly once; and every Ray process, the head's and a run's, stays on 127.0.0.0/8 (tests/loopback.py).
+Each run is a `mimi` subprocess, as a user would start it.
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ from corpora import (
     read_rows,
     shard_bytes,
 )
+from loopback import audited, listener_pid, logged_off_loopback, report, session_of, watch
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mimi-cli[ray]')")
 K = 8
 
 
 @pytest.fixture(scope="session")
-def ray_head():
+def head_socket_log(tmp_path_factory) -> Path:
+    """Where the head's Python processes log their socket calls (loopback.audited)."""
+    return tmp_path_factory.mktemp("head") / "sockets.log"
+
+
+@pytest.fixture(scope="session")
+def ray_head(head_socket_log):
     """A Ray head on 127.0.0.1 (2 CPUs, small object store), stopped with its processes at the end."""
-    with ray_head_on_localhost(cpus=2) as address:
+    with ray_head_on_localhost(cpus=2, environment=audited(env(), head_socket_log)) as address:
         yield address
 
 
@@ -111,6 +119,36 @@ def test_a_killed_ray_worker_still_gives_every_row_once(tiny_weights, ray_head, 
     rows = read_rows(out)  # asserts that no id is there twice
     assert len(rows) == 30
     assert shard_bytes(out) == shard_bytes(reference)
+
+
+@pytest.mark.parametrize("on_head", [pytest.param(True, id="on-the-head"), pytest.param(False, id="own-ray")])
+def test_ray_stays_on_loopback(corpus, tiny_weights, ray_head, head_socket_log, tmp_path, on_head) -> None:
+    """While a job runs, every socket of the head's processes and of the job's (the driver, a Ray it
+    starts, their workers) is bound and connected on 127.0.0.0/8: no listener on 0.0.0.0 or ::, no
+    connection through the machine's routable address. And no Python process of either, since it
+    started, has connected, bound or looked up a name off loopback (a cloud metadata probe)."""
+    head = listener_pid(int(ray_head.rsplit(":", 1)[1]))  # the head's GCS
+    assert head is not None, f"nothing listens on {ray_head}"
+    args = [MIMI, "tokenize", corpus, tmp_path / "out", "-w", tiny_weights, "-k", K, "--engine", "ray"]
+    args += ["--address", ray_head] if on_head else []
+    with (tmp_path / "stderr").open("w") as stderr:
+        run = subprocess.Popen(
+            [str(a) for a in args],
+            env=audited(env(), tmp_path / "sockets.log"),
+            stderr=stderr,
+            start_new_session=True,  # the job's processes: those of session run.pid
+        )
+        try:
+            sessions = {session_of(head), run.pid}
+            seen, outside = watch(sessions, run, seconds=240)
+            assert run.wait(timeout=60) == 1, (tmp_path / "stderr").read_text()  # the corpus holds bad files
+        finally:
+            if run.poll() is None:
+                run.kill()
+    assert seen == sessions, "no socket seen in a session: the check saw nothing"
+    assert (tmp_path / "sockets.log").exists() and head_socket_log.exists(), "no socket call logged"
+    outside |= logged_off_loopback(head_socket_log) | logged_off_loopback(tmp_path / "sockets.log")
+    assert not outside, f"{len(outside)} Ray sockets off loopback:\n{report(outside)}"
 
 
 def _encoder_worker() -> int | None:
