@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -53,7 +52,7 @@ for folder in (ROOT / "benchmarks", ROOT / "tests"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from machine import cpu_model  # noqa: E402
+from machine import describe, header  # noqa: E402
 from signals import speech_like  # noqa: E402
 from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
@@ -479,9 +478,8 @@ def bench_frame(plan: Plan, folder: Path) -> dict[str, Any]:
 
 
 def print_report(env: dict, figures: dict) -> None:
-    smoke = " (SMOKE RUN: tiny model, the figures mean nothing)" if env["smoke"] else ""
-    print(f"{env['device_name']}{smoke}, torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}")
-    print(f"CPU: {env['cpu']}, {env['cpu_count']} cores")
+    print(header(env))
+    print(f"device: {env['device_name']} (CUDA {env['cuda']})")
     if "throughput" in figures:
         print_throughput(env, figures["throughput"])
     if "tokenize" in figures:
@@ -603,13 +601,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     plan = Plan(args)
     env = {
+        **describe(args.smoke),
         "device_name": torch.cuda.get_device_name(plan.device) if wants_cuda else "CPU",
-        "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "smoke": args.smoke,
         "codebooks": plan.codebooks,
         "clip_seconds": plan.clip_seconds,
         "tokenize_batch": plan.tokenize_batch,
