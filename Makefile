@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install browser test test-gpu lint bench bench-memory bench-batch bench-gpu bench-tokenize bench-latency
+.PHONY: install browser test test-portability test-gpu lint bench bench-memory bench-batch bench-gpu bench-tokenize bench-latency
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ browser:
 
 test: install browser
 	$(PY) -m pytest -q
+
+# The numeric tests under other machines' instruction sets: the C kernel built for x86-64-v2/v3/v4 and
+# native, torch/MKL/oneDNN limited to SSE4.2, AVX2 and AVX-512 (levels this CPU lacks are listed, not run)
+test-portability: install
+	$(PY) tests/portability.py
 
 # CUDA tests (skipped with the reason where no GPU is visible); -s prints the measured agreement figures
 test-gpu: install

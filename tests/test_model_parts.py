@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import assert_attention, assert_convolution, assert_product
 
 from mimi_cli.config import MimiConfig
 from mimi_cli.model import conv as conv_module
@@ -19,14 +20,24 @@ from mimi_cli.model.stream import Stream
 from mimi_cli.model.transformer import Transformer, sliding_window_attention
 
 
-def _naive_attention(q, k, v, window: int, num_past: int) -> torch.Tensor:
-    """Full score matrix with an explicit mask: query i (absolute num_past + i) sees keys j with
-    0 ≤ (num_past + i) - j < window."""
-    steps, keys = q.shape[2], k.shape[2]
-    query_pos = torch.arange(steps)[:, None] + num_past
-    key_pos = torch.arange(keys)[None, :]
-    mask = (query_pos - key_pos >= 0) & (query_pos - key_pos < window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def _window_mask(steps: int, keys: int, window: int, num_past: int) -> torch.Tensor:
+    """Query i (absolute num_past + i) sees keys j with 0 ≤ (num_past + i) - j < window."""
+    position = torch.arange(steps)[:, None] + num_past - torch.arange(keys)[None, :]
+    return (position >= 0) & (position < window)
+
+
+def _padded(conv: torch.nn.Conv1d, left: int, right: int, mode: str = "constant"):
+    """`conv` (its stride, dilation and groups) of x padded causally, as a function of (x, weight, bias)."""
+    return lambda x, weight, bias: F.conv1d(
+        F.pad(x, (left, right), mode=mode), weight, bias, conv.stride, 0, conv.dilation, conv.groups
+    )
+
+
+def _transposed(conv: torch.nn.ConvTranspose1d, trim: int):
+    """`conv` (its stride and groups), the tail cut to `trim` steps, as a function of (x, weight, bias)."""
+    return lambda x, weight, bias: F.conv_transpose1d(x, weight, bias, conv.stride, groups=conv.groups)[
+        ..., :trim
+    ]
 
 
 @pytest.mark.parametrize("steps", [1, 7, 30, 61])
@@ -39,7 +50,7 @@ def test_block_attention_equals_masked_attention(steps, num_past, block):
     k = torch.randn(2, 3, num_past + steps, 8, generator=gen)
     v = torch.randn(2, 3, num_past + steps, 8, generator=gen)
     out = sliding_window_attention(q, k, v, window, num_past, block)
-    torch.testing.assert_close(out, _naive_attention(q, k, v, window, num_past), rtol=1e-5, atol=1e-5)
+    assert_attention(out, q, k, v, _window_mask(steps, num_past + steps, window, num_past))
 
 
 @pytest.mark.parametrize("stride, groups", [(2, 1), (4, 1), (2, 6)])
@@ -49,10 +60,11 @@ def test_transposed_conv_equals_torch_trimmed(stride, groups):
         layer.conv.weight.normal_()
         layer.conv.bias.normal_()
     x = torch.randn(2, 6, 11)
-    expected = layer.conv(x)[..., : 11 * stride]  # torch's transposed conv, tail trimmed
     with torch.inference_mode():
         out = layer(x.transpose(1, 2))  # time-major in and out
-    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-5, atol=1e-5)
+    # torch's transposed conv, tail trimmed; each output sums 6 / groups channels of 2 taps
+    transposed = _transposed(layer.conv, trim=11 * stride)
+    assert_convolution(out.transpose(1, 2), transposed, x, layer.conv.weight, layer.conv.bias, 12 // groups)
 
 
 @pytest.mark.parametrize(
@@ -65,11 +77,11 @@ def test_causal_conv_equals_padded_torch_conv(stride, kernel, dilation, mode, le
     x = torch.randn(2, 3, length)
     left = (kernel - 1) * dilation + 1 - stride
     right = -length % stride
-    expected = layer.conv(F.pad(x, (left, right), mode=mode))
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)  # time-major in and out
     assert out.shape[-1] == -(-length // stride)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    padded = _padded(layer.conv, left, right, mode)
+    assert_convolution(out, padded, x, layer.conv.weight, layer.conv.bias, 3 * kernel)
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2,), (1, 1), (1, 3)])
@@ -82,7 +94,7 @@ def test_one_frame_linear_equals_nn_linear(shape, bias, features):
     with torch.inference_mode():
         out = layer(x)
     assert out.shape == (*shape, features[1]) and out.is_contiguous()
-    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+    assert_product(out, x, layer.weight, layer.bias)
     two_rows = x.numel() == 2 * features[0]
     assert (layer.packed is not None) == two_rows  # the C kernel's blocks, at every size
     assert not two_rows or isinstance(layer.packed, native.PackedBlocks) or native.library() is None
@@ -95,7 +107,7 @@ def test_two_row_linear_without_the_c_kernel_reads_large_weights_through_onednn(
     x = torch.randn(2, features[0])
     with torch.inference_mode():
         out = layer(x)
-    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+    assert_product(out, x, layer.weight, layer.bias)
     large = layer.weight.numel() >= PACK_MIN_VALUES
     assert isinstance(layer.packed, onednn.PackedRows) if large else layer.packed is None
 
@@ -108,7 +120,7 @@ def test_two_row_linear_without_onednn_takes_the_blas_product(monkeypatch):
     with torch.inference_mode():
         out = layer(x)
     assert layer.packed is None
-    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+    assert_product(out, x, layer.weight, layer.bias)
 
 
 def _conv2d_forbidden(*args, **kwargs):
@@ -123,11 +135,12 @@ def test_cpu_conv_runs_on_a_packed_kernel(monkeypatch, channels, kernel, stride,
     assert onednn.usable()  # (checked against F.conv2d once, before it is forbidden below)
     layer = CausalConv1d(channels, 5, kernel, stride)
     x = torch.randn(1, channels, length)
-    expected = layer.conv(F.pad(x, ((kernel - 1) + 1 - stride, -length % stride)))
+    padded = _padded(layer.conv, kernel - stride, -length % stride)
     monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    assert_convolution(out, padded, x, layer.conv.weight, layer.conv.bias, channels * kernel)
     assert layer.packed is not None and layer.packed.is_mkldnn
     assert layer.kernel.numel() == 0  # the channels-last copy was given up for the packed one
 
@@ -137,11 +150,13 @@ def test_cpu_transposed_conv_runs_on_a_packed_kernel(monkeypatch, channels, leng
     assert onednn.usable()
     layer = CausalConvTranspose1d(channels, 4, 8, 4)
     x = torch.randn(1, channels, length)
-    expected = layer.conv(x)[..., : 4 * length]
     monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    assert_convolution(
+        out, _transposed(layer.conv, 4 * length), x, layer.conv.weight, layer.conv.bias, channels * 2
+    )
     assert layer.packed is not None
 
 
@@ -158,10 +173,10 @@ def test_few_outputs_of_a_large_kernel_are_rows_times_the_kernel(monkeypatch, tr
         layer, length = CausalConv1d(512, 64, 16, 8), 24  # two outputs of an 8-step first window
     assert layer.conv.weight.numel() >= conv_module.ROWS_MIN_VALUES
     x = torch.randn(1, 512, length + 40)
-    if transposed:
-        expected = layer.conv(x)[..., : 8 * x.shape[-1]]
+    if transposed:  # 2 taps of 512 channels per output
+        convolve = _transposed(layer.conv, 8 * x.shape[-1])
     else:
-        expected = layer.conv(F.pad(x, (16 - 8, -x.shape[-1] % 8)))
+        convolve = _padded(layer.conv, 16 - 8, -x.shape[-1] % 8)
     monkeypatch.setattr(conv_module.F, "conv2d", _conv2d_forbidden)
     stream = Stream()
     with torch.inference_mode():
@@ -170,8 +185,8 @@ def test_few_outputs_of_a_large_kernel_are_rows_times_the_kernel(monkeypatch, tr
         rest = layer(x[..., length:].transpose(1, 2), stream)  # many outputs: oneDNN
         assert layer.packed is not None
     out = torch.cat([first, rest], dim=1).transpose(1, 2)
-    assert out.shape == expected.shape
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    assert_convolution(out, convolve, x, layer.conv.weight, layer.conv.bias, 512 * (2 if transposed else 16))
     layer.drop_derived()
     assert layer.packed_rows is None and layer.packed is None
 
@@ -180,10 +195,9 @@ def test_few_outputs_without_the_c_kernel_take_onednn(monkeypatch):
     monkeypatch.setattr(native, "library", lambda: None)
     layer = CausalConv1d(512, 64, 16, 8)
     x = torch.randn(1, 512, 24)
-    expected = layer.conv(F.pad(x, (8, 0)))
     with torch.inference_mode():
         out = layer(x.transpose(1, 2)).transpose(1, 2)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert_convolution(out, _padded(layer.conv, 8, 0), x, layer.conv.weight, layer.conv.bias, 512 * 16)
     assert layer.packed_rows is None and (layer.packed is not None or not onednn.usable())
 
 
@@ -191,10 +205,13 @@ def test_without_onednn_convs_fall_back_to_torch(monkeypatch):
     monkeypatch.setattr(onednn, "usable", lambda: False)
     layer, transposed = CausalConv1d(6, 5, 4, 2), CausalConvTranspose1d(5, 3, 4, 2)
     x = torch.randn(1, 6, 20)
-    expected = transposed.conv(layer.conv(F.pad(x, (2, 0))))[..., :20]
     with torch.inference_mode():
-        out = transposed(layer(x.transpose(1, 2))).transpose(1, 2)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        middle = layer(x.transpose(1, 2))
+        out = transposed(middle).transpose(1, 2)
+    middle = middle.transpose(1, 2)
+    assert_convolution(middle, _padded(layer.conv, 2, 0), x, layer.conv.weight, layer.conv.bias, 6 * 4)
+    convolve = _transposed(transposed.conv, 20)
+    assert_convolution(out, convolve, middle, transposed.conv.weight, transposed.conv.bias, 5 * 2)
     assert layer.packed is None and transposed.packed is None and layer.kernel.numel() > 0
 
 
