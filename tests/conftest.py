@@ -23,6 +23,10 @@ EXAMPLES = ROOT / "examples"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# One-frame calls take the C kernel wherever it builds (as on the machines it wins on), so that its
+# routes are tested on every machine; the timed choice between routes has its own tests (test_routes.py).
+os.environ.setdefault("MIMI_NATIVE", "1")
+
 # The Ctrl-C tests need SIGINT as a terminal delivers it. A suite started in the background of a
 # non-interactive shell (`make test &`) inherits SIGINT *ignored*, and so would every `mimi` process
 # the tests start (an ignored signal stays ignored across exec; a handled one is reset to the default).
@@ -33,6 +37,21 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 def _private_cache(tmp_path_factory) -> None:
     """The fingerprint cache of this run goes to a folder of its own, never the user's cache."""
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A kernel cache folder of its own, no C kernel loaded and no routes chosen yet; the session's
+    are restored after. Yields the folder the kernel and its routes go to."""
+    from mimi_cli.model import native, routes
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(native.ARCH_ENV, raising=False)  # (set by `make test-portability`)
+    native.library.cache_clear()
+    routes.chosen.cache_clear()
+    yield tmp_path / "cache" / "kernels"
+    native.library.cache_clear()
+    routes.chosen.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -12,23 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import assert_attention, assert_product, assert_within
 
 from mimi_cli.fpcache import CACHE_ENV
-from mimi_cli.model import native, onednn
+from mimi_cli.model import native, onednn, rounding, routes
 from mimi_cli.model.linear import PACK_MIN_VALUES, Linear, pack_for_rows
 from mimi_cli.model.transformer import sliding_window_attention
 
 COMPILER = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler here: the kernel can't be built")
-
-
-@pytest.fixture
-def fresh_build(tmp_path, monkeypatch):
-    """A cache folder of its own and no library loaded yet; the session's library is restored after."""
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    native.library.cache_clear()
-    yield tmp_path / "cache" / "kernels"
-    native.library.cache_clear()
 
 
 def _compiler_wrapper(folder: Path, refuse: str | None = None, source: Path | None = None) -> Path:
@@ -59,16 +51,22 @@ def test_the_kernel_is_built_here():
 @pytest.mark.parametrize("bias", [False, True])
 def test_rows_times_blocks_equals_the_product(rows, out_features, in_features, bias):
     generator = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
-    weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
-    b = torch.randn(out_features, generator=generator, dtype=torch.float64) if bias else None
-    x = torch.randn(rows, in_features + 3, generator=generator, dtype=torch.float64)[:, 2:-1]  # strided rows
-    packed = native.pack(weight.float())
-    got = packed.times_rows(x.float(), None if b is None else b.float())
-    exact = x @ weight.T + (0 if b is None else b)
-    blas = (x.float() @ weight.float().T + (0 if b is None else b.float())).double()
+    weight = torch.randn(out_features, in_features, generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    x = torch.randn(rows, in_features + 3, generator=generator)[:, 2:-1]  # strided rows
+    got = native.pack(weight).times_rows(x, b)
     assert got.shape == (rows, out_features) and got.is_contiguous()
-    # it rounds no worse than the BLAS (its sums run in pieces, not in one long chain)
-    assert (got.double() - exact).abs().max() <= 2 * (blas - exact).abs().max() + 1e-6
+    assert_product(got, x, weight, b)  # within what any summation order may round
+
+
+@needs_compiler
+def test_the_rounding_bound_catches_one_wrong_term():
+    """The bound is tight enough to fail a product that drops or doubles a single term."""
+    weight, x = torch.randn(100, 2048), torch.randn(2, 2048)
+    got = native.pack(weight).times_rows(x, None)
+    off_by_one_term = got + (x[:, -1:] * weight[:, -1]).abs().clamp_min(1e-3)
+    with pytest.raises(AssertionError, match="rounding bound"):
+        assert_product(off_by_one_term, x, weight)
 
 
 @needs_compiler
@@ -76,7 +74,7 @@ def test_rows_in_the_same_memory_as_a_convolution_window():
     """Overlapping rows (a convolution's windows, `stride` steps apart) are read where they lie."""
     weight, signal = torch.randn(48, 6 * 16), torch.randn(40, 16)  # 6 taps of 16 channels, time-major
     rows = signal.view(-1).as_strided((9, 6 * 16), (4 * 16, 1))  # windows of 6 steps, stride 4
-    torch.testing.assert_close(native.pack(weight).times_rows(rows, None), rows @ weight.T)
+    assert_product(native.pack(weight).times_rows(rows, None), rows, weight)
 
 
 @needs_compiler
@@ -90,23 +88,20 @@ def test_window_attention_equals_masked_attention(steps, num_past, window):
     q = torch.randn(1, heads, steps, dim, generator=generator)
     got = native.window_attention(q, buffer[0], buffer[1], num_past, window)
     position = torch.arange(steps)[:, None] + num_past - torch.arange(keys)[None, :]
-    expected = F.scaled_dot_product_attention(
-        q, buffer[0], buffer[1], attn_mask=(position >= 0) & (position < window)
-    )
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_attention(got, q, buffer[0], buffer[1], (position >= 0) & (position < window))
     assert got.transpose(1, 2).is_contiguous()  # what the output projection reads, without a copy
 
 
 @needs_compiler
 def test_short_streamed_attention_calls_take_the_kernel(monkeypatch):
+    routes.chosen()  # (timed once per machine, before calls are counted)
     calls = []
     kernel = native.window_attention
     monkeypatch.setattr(native, "window_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 9, 8)
     out = sliding_window_attention(q, k, k, 4, 7)
     position = torch.arange(2)[:, None] + 7 - torch.arange(9)[None, :]
-    expected = F.scaled_dot_product_attention(q, k, k, attn_mask=(position >= 0) & (position < 4))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_attention(out, q, k, k, (position >= 0) & (position < 4))
     assert calls == [(1, 2, 2, 8)]
     sliding_window_attention(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8), 4, 7)
     assert len(calls) == 2  # a batch of two is asked too, and declined: torch computes it
@@ -130,6 +125,14 @@ def test_built_once_into_the_cache_then_reused(fresh_build, monkeypatch):
     native.library.cache_clear()
     assert native.library() is not None  # a new process: the cached build, no compiler call
     assert len((fresh_build.parent.parent / "calls.log").read_text().splitlines()) == 1
+
+
+@needs_compiler
+def test_the_kernel_is_built_for_the_instruction_set_asked(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(_compiler_wrapper(fresh_build.parent.parent)))
+    monkeypatch.setenv(native.ARCH_ENV, "x86-64-v2" if os.uname().machine == "x86_64" else "armv8-a")
+    assert native.library() is not None
+    assert f"-march={os.environ[native.ARCH_ENV]} " in (fresh_build.parent.parent / "calls.log").read_text()
 
 
 @needs_compiler
@@ -161,7 +164,7 @@ def test_without_the_kernel_one_frame_calls_keep_torch_routes(fresh_build, monke
     large, small = Linear(1024, 512), Linear(24, 40)
     x = torch.randn(2, 1024)
     with torch.inference_mode():
-        torch.testing.assert_close(large(x), F.linear(x, large.weight, large.bias), rtol=1e-4, atol=1e-4)
+        assert_product(large(x), x, large.weight, large.bias)
         small(torch.randn(2, 24))
     assert large.weight.numel() >= PACK_MIN_VALUES and isinstance(large.packed, onednn.PackedRows)
     assert small.packed is None  # the BLAS's W @ xᵀ
@@ -182,7 +185,8 @@ def test_rows_times_blocks_with_a_gain_and_a_residual():
     weight, rows, bias, gain = torch.randn(40, 24), torch.randn(2, 24), torch.randn(40), torch.randn(40)
     residual = torch.randn(2, 40)
     got = native.pack(weight).times_rows(rows, bias, gain, residual)
-    torch.testing.assert_close(got, residual + gain * (rows @ weight.T + bias), rtol=1e-5, atol=1e-5)
+    exact = residual.double() + gain.double() * (rows.double() @ weight.double().T + bias.double())
+    assert_within(got, exact, rounding.product_bound(rows, weight, bias, gain, residual))
 
 
 @needs_compiler
@@ -207,13 +211,28 @@ def test_rope_attention_equals_rope_then_window_attention(num_past):
         window,
     )
 
+    # exact: the rotation and the attention in float64; a rotated value a·c ∓ b·s has two roundings,
+    # so it is within γ₂ · (|a·c| + |b·s|), the size its scores' bound is taken from
     q, k, v = (t.view(1, steps, heads, dim).transpose(1, 2) for t in qkv.view(steps, 3, -1).unbind(1))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values = torch.cat([kept[0], k], dim=2), torch.cat([kept[1], v], dim=2)
-    expected = sliding_window_attention(q, keys, values, window, num_past, block=window)
-    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(steps, -1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(buffer[0, :, :, : num_past + steps], keys, rtol=1e-6, atol=1e-6)  # written
-    torch.testing.assert_close(buffer[1, :, :, : num_past + steps], values, rtol=0, atol=0)
+    cos64, sin64 = cos.double(), sin.double()
+    q_exact, k_exact = apply_rope(q.double(), cos64, sin64), apply_rope(k.double(), cos64, sin64)
+    q_size, k_size = (_rotation_size(t.double(), cos64, sin64) for t in (q, k))
+    keys = torch.cat([kept[0].double(), k_exact], dim=2)
+    keys_size = torch.cat([kept[0].double().abs(), k_size], dim=2)
+    values = torch.cat([kept[1], v], dim=2)
+    position = torch.arange(steps)[:, None] + num_past - torch.arange(num_past + steps)[None, :]
+    mask = (position >= 0) & (position < window)
+    exact = F.scaled_dot_product_attention(q_exact, keys, values.double(), attn_mask=mask)
+    bound = rounding.attention_bound(q_exact, keys, values, mask, dim**-0.5, (q_size, keys_size, 2))
+    assert_within(got, exact.transpose(1, 2).reshape(steps, -1), bound.transpose(1, 2).reshape(steps, -1))
+    assert_within(buffer[0, :, :, : num_past + steps], keys, rounding.gamma(2) * keys_size)  # written
+    assert torch.equal(buffer[1, :, :, : num_past + steps], values)
+
+
+def _rotation_size(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """|x·cos| + |rotated x · sin|: the sum of magnitudes behind each value `apply_rope` gives."""
+    half = x.shape[-1] // 2
+    return (x * cos).abs() + (torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin).abs()
 
 
 @needs_compiler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import native, onednn
+from . import native, onednn, routes
 
 ONE_FRAME_ROWS = 2  # the transformers run at 25 Hz: an 80 ms frame is two steps
 PACK_MIN_VALUES = 1 << 19  # without the C kernel, weights from this size up are read through oneDNN
@@ -14,12 +14,14 @@ PackedForRows = native.PackedBlocks | onednn.PackedRows
 
 
 def pack_for_rows(weight: torch.Tensor) -> PackedForRows | None:
-    """The fastest copy of a [out, in] CPU weight for products with a few rows: the C kernel's blocks
-    (`native.pack`), else oneDNN's packing for weights of `PACK_MIN_VALUES` or more; None: use
-    `weight_times_rows`. Both copies have `times_rows(rows, bias)`."""
+    """The copy of a [out, in] CPU weight that this machine's route for products with a few rows
+    reads (`routes.products`): the C kernel's blocks (`native.pack`), else oneDNN's packing for weights
+    of `PACK_MIN_VALUES` or more; None: use `weight_times_rows` (the BLAS). Both copies have
+    `times_rows(rows, bias)`."""
     weight = weight.detach()
-    packed = native.pack(weight)
-    if packed is None and weight.numel() >= PACK_MIN_VALUES:
+    route = routes.products()
+    packed = native.pack(weight) if route == "kernel" else None
+    if packed is None and route != "blas" and weight.numel() >= PACK_MIN_VALUES:
         return onednn.pack_rows(weight)
     return packed
 

@@ -7,7 +7,8 @@ reads a weight stored in blocks of 32 outputs from start to end with the pages a
 at ~33–35 GB/s, faster than torch's own `sum` of the same weights.
 
 The source ships with the package and is compiled once per machine with the system C compiler
-(`$CC`, else `cc`, `gcc` or `clang`; -O3, tuned for this CPU) into the cache folder
+(`$CC`, else `cc`, `gcc` or `clang`; -O3, tuned for this CPU or for the `-march` that
+`MIMI_NATIVE_ARCH` names) into the cache folder
 (`fpcache.cache_dir()/kernels`, keyed by the source, compiler, flags and CPU), then loaded with
 ctypes and checked against torch once per process. Where there is no compiler, the build or the
 check fails, or `MIMI_NATIVE=0` is set, `pack` returns None and callers keep torch's routes.
@@ -31,16 +32,18 @@ from pathlib import Path
 import torch
 
 from .. import fpcache
+from . import rounding
 
 SOURCE = Path(__file__).with_name("one_frame.c")
 DISABLE_ENV = "MIMI_NATIVE"  # "0": never build or load the kernel
+ARCH_ENV = "MIMI_NATIVE_ARCH"  # the -march to build for (default native: x86-64-v3 builds for AVX2 only)
 FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
-TUNE_FLAGS = ("-march=native",)  # dropped where the compiler refuses them
 COMPILE_TIMEOUT_S = 120
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {  # the functions of one_frame.c: (result, arguments)
     "mimi_block_size": (_I, []),
+    "mimi_set_prefetch": (_I, [_L, _I]),
     "mimi_rows_times_blocks": (None, [_P, _I, _I, _P, _L, _I, _P, _P, _P, _P]),
     "mimi_window_attention": (None, [_P, _L, _L, _P, _P, _L, _I, _I, _I, _I, _I, _I, _F, _P, _P]),
     "mimi_rope_attention": (None, [_P, _P, _P, _P, _P, _L, _I, _I, _I, _I, _I, _F, _P, _P, _P]),
@@ -86,6 +89,14 @@ def pack(weight: torch.Tensor) -> PackedBlocks | None:
     if lib is None:
         return None
     return _blocks(weight.detach(), lib.mimi_block_size())
+
+
+def set_prefetch(floats_ahead: int, locality: int) -> None:
+    """How far ahead (floats) and into which cache (0 non-temporal, 2 L2, 3 L1) products prefetch the
+    weight; `routes` sets what is fastest here. Does nothing where the kernel is not available."""
+    lib = library()
+    if lib is not None and lib.mimi_set_prefetch(floats_ahead, locality) != 0:
+        raise ValueError(f"no such prefetch: {floats_ahead} floats ahead, locality {locality}")
 
 
 def window_attention(
@@ -198,6 +209,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
+    """The kernel's product and attention against float64 on the same inputs, within the rounding
+    any correct float32 route may add (`rounding`): no CPU's own library sets the tolerance."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(45, 37, generator=generator)  # a partial last block, an odd width
     bias, gain = torch.randn(2, 45, generator=generator)
@@ -209,7 +222,8 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
         packed.blocks.data_ptr(), 37, 45, rows.data_ptr(), rows.stride(0), 6,
         bias.data_ptr(), gain.data_ptr(), residual.data_ptr(), y.data_ptr(),
     )  # fmt: skip
-    if not torch.allclose(y, residual + gain * (rows @ weight.T + bias), rtol=1e-5, atol=1e-5):
+    exact = residual.double() + gain.double() * (rows.double() @ weight.double().T + bias.double())
+    if not rounding.within(y, exact, rounding.product_bound(rows, weight, bias, gain, residual)):
         return False
     keys = torch.randn(2, 1, 3, 12, 20, generator=generator)[..., 1:9, :]  # strided heads, a partial window
     q = torch.randn(1, 3, 2, 20, generator=generator)
@@ -219,10 +233,12 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
         3, 2, 8, 20, 6, 5, 1.0 / math.sqrt(20), scores.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     position = torch.arange(2)[:, None] + 6 - torch.arange(8)[None, :]
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q, keys[0], keys[1], attn_mask=(position >= 0) & (position < 5)
+    mask = (position >= 0) & (position < 5)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), keys[0].double(), keys[1].double(), attn_mask=mask
     )
-    return torch.allclose(out.transpose(1, 2), expected, rtol=1e-5, atol=1e-5)
+    bound = rounding.attention_bound(q, keys[0], keys[1], mask, 1.0 / math.sqrt(20))
+    return rounding.within(out.transpose(1, 2), exact, bound)
 
 
 def _built() -> Path | None:
@@ -232,7 +248,8 @@ def _built() -> Path | None:
         return None
     source = SOURCE.read_bytes()
     folder = fpcache.cache_dir() / "kernels"
-    for flags in (FLAGS + TUNE_FLAGS, FLAGS):
+    tune = (f"-march={os.environ.get(ARCH_ENV) or 'native'}",)  # dropped where the compiler refuses it
+    for flags in (FLAGS + tune, FLAGS):
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, flags), _cpu_id()]))
         path = folder / f"one_frame-{key.hexdigest()[:16]}.so"
         if path.is_file() or _compile(compiler, flags, path):

@@ -3,22 +3,35 @@
  * Compiled on first use by mimi_cli/model/native.py with the machine's C compiler (-O3, tuned
  * for this CPU). A streamed 80 ms frame puts two rows through weights of up to 32 MiB, so each call
  * is bound by reading the weight from memory: the weight is stored in blocks of BLOCK outputs
- * ([out / BLOCK][in][BLOCK], see `native.pack`), read once from start to end with the next
- * pages prefetched, while up to four rows accumulate in registers.
+ * ([out / BLOCK][in][BLOCK], see `native.pack`), read once from start to end with the weight
+ * ahead prefetched, while up to four rows accumulate in registers.
+ *
+ * How far ahead, and into which cache, is set per machine (`mimi_set_prefetch`, chosen by timing in
+ * `routes.py`): an AMD EPYC read 33 GB/s with non-temporal prefetches 8 KiB ahead, where an Intel Xeon
+ * read 5.5 GB/s with the same ones and 12–13 GB/s with prefetches into L2 2–4 KiB ahead.
  */
 #include <math.h>
 #include <stddef.h>
 
-#define BLOCK 32    /* outputs per block: 2 AVX-512 or 4 AVX2 registers per row */
-#define AHEAD 2048  /* floats (8 KiB) of weight requested ahead of the one being read */
-#define CHUNK 64    /* steps summed apart before being added to the total */
+#define BLOCK 32 /* outputs per block: 2 AVX-512 or 4 AVX2 registers per row */
+#define CHUNK 64 /* steps summed apart before being added to the total */
 
-/* acc[r][j] = sum over i of x[r][i] * w[i][j], for one block w [in][BLOCK] and R rows; the sum
- * runs in pieces of CHUNK steps added together, which rounds about as a BLAS does (one running sum
- * over 2048 steps gathers ~2.5 times its error). */
-#define BLOCK_TIMES_ROWS(R)                                                                      \
-    static void block_times_##R(const float *restrict w, int in, const float *const *x,         \
-                                float acc[][BLOCK]) {                                           \
+static long ahead = 2048; /* floats of weight requested ahead of the one being read */
+static int locality = 0;  /* __builtin_prefetch's: 0 non-temporal, 2 into L2 (T1), 3 into L1 (T0) */
+
+/* Sets the prefetch distance (floats) and locality (0, 2 or 3) of the products; 0 on success. */
+int mimi_set_prefetch(long floats_ahead, int cache_locality) {
+    if (floats_ahead < 0 || (cache_locality != 0 && cache_locality != 2 && cache_locality != 3)) return 1;
+    ahead = floats_ahead, locality = cache_locality;
+    return 0;
+}
+
+/* acc[r][j] = sum over i of x[r][i] * w[i][j], for one block w [in][BLOCK] and R rows, with
+ * prefetches of locality L; the sum runs in pieces of CHUNK steps added together, which rounds about
+ * as a BLAS does (one running sum over 2048 steps gathers ~2.5 times its error). */
+#define BLOCK_TIMES_ROWS(R, L)                                                                   \
+    static void block_times_##R##_##L(const float *restrict w, int in, const float *const *x,   \
+                                      float acc[][BLOCK]) {                                     \
         float total[R][BLOCK], a[R][BLOCK];                                                     \
         for (int r = 0; r < R; r++)                                                             \
             for (int j = 0; j < BLOCK; j++) total[r][j] = 0.0f;                                 \
@@ -28,8 +41,8 @@
                 for (int j = 0; j < BLOCK; j++) a[r][j] = 0.0f;                                 \
             for (int i = start; i < end; i++) {                                                 \
                 const float *wi = w + (size_t)i * BLOCK;                                        \
-                __builtin_prefetch(wi + AHEAD, 0, 0);                                           \
-                __builtin_prefetch(wi + AHEAD + 16, 0, 0);                                      \
+                __builtin_prefetch(wi + ahead, 0, L);                                           \
+                __builtin_prefetch(wi + ahead + 16, 0, L);                                      \
                 for (int r = 0; r < R; r++) {                                                   \
                     const float s = x[r][i];                                                    \
                     for (int j = 0; j < BLOCK; j++) a[r][j] += s * wi[j];                       \
@@ -42,10 +55,23 @@
             for (int j = 0; j < BLOCK; j++) acc[r][j] = total[r][j];                            \
     }
 
-BLOCK_TIMES_ROWS(1)
-BLOCK_TIMES_ROWS(2)
-BLOCK_TIMES_ROWS(3)
-BLOCK_TIMES_ROWS(4)
+#define BLOCK_TIMES_ROWS_UP_TO_4(L) \
+    BLOCK_TIMES_ROWS(1, L)          \
+    BLOCK_TIMES_ROWS(2, L)          \
+    BLOCK_TIMES_ROWS(3, L)          \
+    BLOCK_TIMES_ROWS(4, L)          \
+    static void block_times_rows_##L(const float *w, int in, const float *const *x, int rows, float acc[][BLOCK]) { \
+        switch (rows) {                                                                         \
+            case 1: block_times_1_##L(w, in, x, acc); break;                                    \
+            case 2: block_times_2_##L(w, in, x, acc); break;                                    \
+            case 3: block_times_3_##L(w, in, x, acc); break;                                    \
+            default: block_times_4_##L(w, in, x, acc); break;                                   \
+        }                                                                                       \
+    }
+
+BLOCK_TIMES_ROWS_UP_TO_4(0)
+BLOCK_TIMES_ROWS_UP_TO_4(2)
+BLOCK_TIMES_ROWS_UP_TO_4(3)
 
 int mimi_block_size(void) { return BLOCK; }
 
@@ -63,11 +89,10 @@ void mimi_rows_times_blocks(const float *blocks, int in, int out, const float *x
             const int group = rows - r0 < 4 ? rows - r0 : 4;
             const float *xs[4];
             for (int r = 0; r < group; r++) xs[r] = x + (size_t)(r0 + r) * x_stride;
-            switch (group) {
-                case 1: block_times_1(w, in, xs, acc); break;
-                case 2: block_times_2(w, in, xs, acc); break;
-                case 3: block_times_3(w, in, xs, acc); break;
-                default: block_times_4(w, in, xs, acc); break;
+            switch (locality) {
+                case 0: block_times_rows_0(w, in, xs, group, acc); break;
+                case 2: block_times_rows_2(w, in, xs, group, acc); break;
+                default: block_times_rows_3(w, in, xs, group, acc); break;
             }
             for (int r = 0; r < group; r++) {
                 const size_t row = (size_t)(r0 + r) * out + first;

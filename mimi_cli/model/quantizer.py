@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
-from . import native, onednn
+from . import native, onednn, routes
 from .linear import ONE_FRAME_ROWS, weight_times_rows
 
 _USAGE_EPSILON = 1e-5  # floor of a codebook entry's usage count when turning sums into centroids
@@ -72,8 +72,9 @@ class Codebook(onednn.HoldsPacked, nn.Module):
         return products.clamp_min_(0).sqrt_().argmin(dim=-1)
 
     def one_row_table(self) -> native.PackedBlocks | None:
-        """The distance table in the C kernel's blocks (made on first use); None where it can't be used."""
-        if self.packed_table is None:
+        """The distance table in the C kernel's blocks (made on first use); None where it can't be used
+        or products take another route here (`routes.products`)."""
+        if self.packed_table is None and routes.products() == "kernel":
             self.centroids()
             self.packed_table = native.pack(self.distance_table[0])
         return self.packed_table

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiConfig
-from . import native, onednn
+from . import native, onednn, routes
 from .linear import ONE_FRAME_ROWS, Linear, PackedForRows, pack_for_rows
 from .stream import Stream, layer_state
 
@@ -52,7 +52,8 @@ def sliding_window_attention(
     batch, heads, steps, dim = q.shape
     block = block or min(window, max(steps, 1))  # a short call needs no window-long query blocks
     if steps <= block:  # one block (a streamed frame): the keys need no padding
-        out = native.window_attention(q, k, v, num_past, window) if steps <= ONE_FRAME_ROWS else None
+        kernel = steps <= ONE_FRAME_ROWS and q.device.type == "cpu" and routes.attention() == "kernel"
+        out = native.window_attention(q, k, v, num_past, window) if kernel else None
         if out is not None:  # one pass over a cold window: 89 µs a layer against torch's 119 (streamed
             return out  # two-step calls with the C kernel take `TransformerLayer._frame` instead)
         mask = _recent_keys_mask(steps, num_past, window, q.device)
@@ -142,9 +143,10 @@ class Attention(onednn.HoldsPacked, nn.Module):
     ) -> torch.Tensor | None:
         """A streamed one-frame call (rows [2, C], CPU) before the output projection: [2, C] from the
         stacked projection and one C call for RoPE, the stream's window and the attention
-        (`native.rope_attention`); None where the C kernel is not available (see `forward`)."""
+        (`native.rope_attention`); None where the C kernel is not available or not this machine's
+        route for attention (see `forward`)."""
         packed = self._packed_qkv()
-        if not isinstance(packed, native.PackedBlocks):
+        if not isinstance(packed, native.PackedBlocks) or routes.attention() != "kernel":
             return None
         qkv = packed.times_rows(rows, None)
         state, _ = layer_state(stream, self, _KeyValueWindow)

@@ -1,0 +1,219 @@
+"""Which route one-frame CPU calls take on this machine: timed once, on first use, and cached.
+
+A streamed frame reads every weight of its half of the model, so its speed is the speed at which one
+route reads memory, and that differs by machine: on an AMD EPYC the C kernel (`native`) read 33 GB/s
+where oneDNN read 21–26; on an Intel Xeon the same kernel read 5.5 GB/s (its non-temporal prefetches)
+where oneDNN read 9–10. So the first one-frame call times the candidates on the machine at hand:
+
+- the kernel's prefetch: distance and cache level (`native.set_prefetch`);
+- products (the transformers' projections; the same choice is taken for the other large products of
+  one frame, the quantizer's distance tables and few-output convolutions): the kernel, oneDNN's
+  packed rows or the BLAS, on the released model's four projection shapes, read cold;
+- attention over a stream's window: the kernel or torch's `scaled_dot_product_attention`.
+
+The choice is written as JSON beside the compiled kernel (`cache_dir()/kernels`), keyed like it (its
+source, compiler, flags and CPU) and by torch's version and instruction-set settings, so it is redone
+when any of those change. `MIMI_NATIVE=1` takes the kernel everywhere it can run, `MIMI_NATIVE=0`
+never (torch's routes), without timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import native, onednn
+
+ROUTES_VERSION = 1
+PRODUCT_SHAPES = ((1536, 512), (512, 512), (2048, 512), (512, 2048))  # q/k/v, o, fc1, fc2 of a layer
+LAYERS_READ = 5  # copies of the shapes cycled through: 60 MiB, more than a core's share of any cache
+PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahead in (512, 1024, 2048))
+ROUNDS = 3  # interleaved rounds; each candidate's median counts
+ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Routes:
+    """The routes of one-frame calls: "kernel", "onednn" or "blas" for products, "kernel" or "torch"
+    for attention, the kernel's prefetch (floats ahead, locality), and the timings behind them (µs)."""
+
+    products: str = "kernel"
+    attention: str = "kernel"
+    prefetch: tuple[int, int] = (2048, 0)
+    timings_us: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line: the route per layer kind, and the kernel's prefetch."""
+        ahead, locality = self.prefetch
+        level = {0: "non-temporal", 2: "into L2", 3: "into L1"}.get(locality, str(locality))
+        prefetch = f"{4 * ahead // 1024} KiB ahead {level}"
+        return f"products: {self.products}, attention: {self.attention}, kernel prefetch: {prefetch}"
+
+
+TORCH_ONLY = Routes(products="onednn", attention="torch")
+
+
+def products() -> str:
+    """The route of one-frame products: "kernel", "onednn" or "blas"."""
+    return chosen().products
+
+
+def attention() -> str:
+    """The route of one-frame attention: "kernel" or "torch"."""
+    return chosen().attention
+
+
+@functools.cache
+def chosen() -> Routes:
+    """This machine's routes, read from the cache or else timed (and cached); torch's alone where the
+    kernel is not available (`MIMI_NATIVE=0` among the reasons), the kernel's wherever it can run with
+    `MIMI_NATIVE=1` (its prefetch still this machine's)."""
+    lib = native.library()
+    if lib is None:
+        return TORCH_ONLY
+    path = cache_path(lib)
+    routes = _read(path)
+    if routes is None:
+        routes = time_routes()
+        _write(path, routes)
+    native.set_prefetch(*routes.prefetch)
+    if os.environ.get(native.DISABLE_ENV) == "1":
+        routes = replace(routes, products="kernel", attention="kernel")
+    return routes
+
+
+def cache_path(lib: object) -> Path:
+    """Where this machine's choice is kept: beside the kernel, keyed by it, torch and its settings."""
+    kernel = Path(getattr(lib, "_name", "kernel"))
+    parts = [kernel.name, torch.__version__, *(f"{name}={os.environ.get(name, '')}" for name in ENVIRONMENT)]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return kernel.with_name(f"routes-{key}.json")
+
+
+def time_routes() -> Routes:
+    """Times every candidate on this machine (well under a second) and keeps the fastest of each kind."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [
+        torch.empty(shape).uniform_(-1, 1, generator=generator) for shape in PRODUCT_SHAPES * LAYERS_READ
+    ]
+    rows = {shape[1]: torch.randn(2, shape[1], generator=generator) for shape in PRODUCT_SHAPES}
+
+    def through(packed: list) -> Callable[[], None]:
+        return _cycle(
+            [
+                functools.partial(p.times_rows, rows[w.shape[1]], None)
+                for p, w in zip(packed, weights, strict=True)
+            ]
+        )
+
+    kernel = through([native.pack(weight) for weight in weights])
+    prefetch_times = _fastest(
+        {candidate: _prefetched(candidate, kernel) for candidate in PREFETCH_CANDIDATES}
+    )
+    best_prefetch = min(prefetch_times, key=prefetch_times.get)
+    native.set_prefetch(*best_prefetch)
+    candidates = {"kernel": kernel, "blas": _cycle([_blas(w, rows[w.shape[1]]) for w in weights])}
+    packed = [onednn.pack_rows(weight) for weight in weights]
+    if all(p is not None for p in packed):
+        candidates["onednn"] = through(packed)
+    product_times = _fastest(candidates)
+    attention_times = _fastest(_attention_candidates(generator))
+    timings = {f"prefetch {ahead}/{locality}": t for (ahead, locality), t in prefetch_times.items()}
+    timings |= {f"products {name}": t for name, t in product_times.items()}
+    timings |= {f"attention {name}": t for name, t in attention_times.items()}
+    return Routes(
+        products=min(product_times, key=product_times.get),
+        attention=min(attention_times, key=attention_times.get),
+        prefetch=best_prefetch,
+        timings_us={name: round(t * 1e6, 1) for name, t in timings.items()},
+    )
+
+
+def _prefetched(prefetch: tuple[int, int], call: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        native.set_prefetch(*prefetch)
+        call()
+
+    return run
+
+
+def _attention_candidates(generator: torch.Generator) -> dict[str, Callable[[], None]]:
+    """Streamed two-step calls of the released model's attention (8 heads of 64, 250 keys) over the
+    windows of `LAYERS_READ` · 4 layers, read cold as a frame finds them."""
+    heads, dim, keys, steps = 8, 64, 250, 2
+    q = torch.randn(1, heads, steps, dim, generator=generator)
+    windows = torch.randn(4 * LAYERS_READ, 2, 1, heads, keys, dim, generator=generator)
+    position = torch.arange(steps)[:, None] + keys - steps - torch.arange(keys)[None, :]
+    mask = (position >= 0) & (position < keys)
+    return {
+        "kernel": _cycle(
+            [functools.partial(native.window_attention, q, k, v, keys - steps, keys) for k, v in windows]
+        ),
+        "torch": _cycle(
+            [functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask) for k, v in windows]
+        ),
+    }
+
+
+def _blas(weight: torch.Tensor, rows: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: torch.mm(weight, rows.mT).mT.contiguous()  # `linear.weight_times_rows`'s product
+
+
+def _cycle(calls: list[Callable[[], object]]) -> Callable[[], None]:
+    """One call that makes every call of the list: a pass over weights too large to stay in cache."""
+
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
+
+
+def _fastest(candidates: dict, rounds: int = ROUNDS) -> dict:
+    """Each candidate's median time (s) over `rounds` interleaved rounds, after one untimed call each."""
+    times: dict = {name: [] for name in candidates}
+    for call in candidates.values():
+        call()
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _read(path: Path) -> Routes | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.pop("version") != ROUTES_VERSION:
+            return None
+        routes = Routes(**{**data, "prefetch": tuple(data["prefetch"])})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    valid = routes.products in ("kernel", "onednn", "blas") and routes.attention in ("kernel", "torch")
+    return routes if valid and all(isinstance(x, int) for x in routes.prefetch) else None
+
+
+def _write(path: Path, routes: Routes) -> None:
+    """Written to a temporary file, then renamed: a reader never sees half a file. Failures are ignored."""
+    with contextlib.suppress(OSError):
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".routes-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump({"version": ROUTES_VERSION, **asdict(routes)}, file, indent=1)
+            os.replace(partial, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)

@@ -1,0 +1,131 @@
+"""The one-frame routes chosen by timing on the machine at hand: what is chosen, cached and forced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from mimi_cli.model import native, onednn, routes
+from mimi_cli.model.linear import Linear
+
+COMPILER = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C compiler here: the kernel can't be built")
+
+
+@pytest.fixture
+def timed(fresh_build, monkeypatch):
+    """A fresh kernel cache, the choice left to timing (no MIMI_NATIVE), and a count of the timings."""
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    runs = []
+    time_routes = routes.time_routes
+    monkeypatch.setattr(routes, "time_routes", lambda: runs.append(1) or time_routes())
+    return runs
+
+
+def _slowed(call, seconds: float = 0.002):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return call(*args, **kwargs)
+
+    return slow
+
+
+def test_the_choice_is_timed_once_and_recorded(timed, fresh_build):
+    chosen = routes.chosen()
+    assert timed == [1]
+    assert chosen.products in ("kernel", "onednn", "blas") and chosen.attention in ("kernel", "torch")
+    assert chosen.prefetch in routes.PREFETCH_CANDIDATES
+    assert {f"products {name}" for name in ("kernel", "onednn", "blas")} <= set(chosen.timings_us)
+    assert chosen.timings_us[f"products {chosen.products}"] == min(
+        t for name, t in chosen.timings_us.items() if name.startswith("products ")
+    )
+    [saved] = fresh_build.glob("routes-*.json")
+    assert json.loads(saved.read_text())["products"] == chosen.products
+    assert not list(fresh_build.glob(".routes-*"))  # no partial file left
+    assert "products: " in chosen.describe() and "KiB ahead" in chosen.describe()
+
+
+@pytest.mark.parametrize("slow", ["kernel", "onednn", "blas"])
+def test_a_route_made_slow_is_never_chosen(timed, monkeypatch, slow):
+    if slow == "kernel":
+        monkeypatch.setattr(native.PackedBlocks, "times_rows", _slowed(native.PackedBlocks.times_rows))
+    elif slow == "onednn":
+        monkeypatch.setattr(onednn.PackedRows, "times_rows", _slowed(onednn.PackedRows.times_rows))
+    else:
+        monkeypatch.setattr(routes, "_blas", lambda weight, rows: _slowed(lambda: weight @ rows.mT))
+    assert routes.chosen().products != slow
+    linear = Linear(1024, 512)
+    with torch.inference_mode():
+        linear(torch.randn(2, 1024))
+    kind = {"kernel": native.PackedBlocks, "onednn": onednn.PackedRows, "blas": type(None)}
+    assert not isinstance(linear.packed, kind[slow])  # the layers follow the choice
+
+
+@pytest.mark.parametrize("slow", ["kernel", "torch"])
+def test_slow_attention_is_never_chosen(timed, monkeypatch, slow):
+    if slow == "kernel":
+        monkeypatch.setattr(native, "window_attention", _slowed(native.window_attention, 0.0005))
+    else:
+        monkeypatch.setattr(
+            routes.F,
+            "scaled_dot_product_attention",
+            _slowed(torch.nn.functional.scaled_dot_product_attention, 0.0005),
+        )
+    assert routes.chosen().attention != slow
+
+
+def test_the_cached_choice_is_reused_without_timing(timed, monkeypatch):
+    first = routes.chosen()
+    routes.chosen.cache_clear()  # a new process
+    monkeypatch.setattr(routes, "time_routes", lambda: pytest.fail("timed again"))
+    assert routes.chosen() == first
+
+
+@pytest.mark.parametrize("change", ["cpu", "compiler flags", "torch settings"])
+def test_the_choice_is_redone_when_the_kernel_cpu_or_torch_change(timed, fresh_build, monkeypatch, change):
+    routes.chosen()
+    if change == "cpu":
+        monkeypatch.setattr(native, "_cpu_id", lambda: b"another CPU")
+    elif change == "compiler flags":
+        monkeypatch.setenv(native.ARCH_ENV, "x86-64-v2" if os.uname().machine == "x86_64" else "armv8-a")
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    native.library.cache_clear()
+    routes.chosen.cache_clear()
+    routes.chosen()
+    assert timed == [1, 1]
+    assert len(list(fresh_build.glob("routes-*.json"))) == 2
+
+
+def test_a_damaged_cache_file_is_timed_again_and_replaced(timed, fresh_build):
+    routes.chosen()
+    [saved] = fresh_build.glob("routes-*.json")
+    saved.write_text('{"version": 1, "products": "fastest"')
+    routes.chosen.cache_clear()
+    routes.chosen()
+    assert timed == [1, 1] and json.loads(saved.read_text())["products"] in ("kernel", "onednn", "blas")
+
+
+def test_mimi_native_forces_a_route_without_timing_against_it(timed, monkeypatch, fresh_build):
+    monkeypatch.setattr(native.PackedBlocks, "times_rows", _slowed(native.PackedBlocks.times_rows))
+    assert routes.chosen().products != "kernel"
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
+    routes.chosen.cache_clear()
+    forced = routes.chosen()
+    assert (forced.products, forced.attention) == ("kernel", "kernel") and timed == [1]  # its cache, reused
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    native.library.cache_clear()
+    routes.chosen.cache_clear()
+    assert routes.chosen() == routes.TORCH_ONLY and timed == [1]
+
+
+def test_the_prefetch_chosen_is_the_kernels_setting(timed):
+    chosen = routes.chosen()
+    with pytest.raises(ValueError, match="no such prefetch"):
+        native.set_prefetch(64, 1)
+    native.set_prefetch(*chosen.prefetch)  # (accepted: the candidates are the kernel's)
