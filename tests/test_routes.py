@@ -69,7 +69,7 @@ def test_a_route_made_slow_is_never_chosen(timed, monkeypatch, slow):
 @pytest.mark.parametrize("slow", ["kernel", "torch"])
 def test_slow_attention_is_never_chosen(timed, monkeypatch, slow):
     if slow == "kernel":
-        monkeypatch.setattr(native, "window_attention", _slowed(native.window_attention, 0.0005))
+        monkeypatch.setattr(native, "rope_attention", _slowed(native.rope_attention, 0.0005))
     else:
         monkeypatch.setattr(
             routes.F,

@@ -9,7 +9,8 @@ where oneDNN read 9–10. So the first one-frame call times the candidates on th
 - products (the transformers' projections; the same choice is taken for the other large products of
   one frame, the quantizer's distance tables and few-output convolutions): the kernel, oneDNN's
   packed rows or the BLAS, on the released model's four projection shapes, read cold;
-- attention over a stream's window: the kernel or torch's `scaled_dot_product_attention`.
+- attention of a streamed call, from its stacked q/k/v: the kernel's one call (RoPE, the window,
+  the attention), or torch's RoPE, window and `scaled_dot_product_attention`.
 
 The choice is written as JSON beside the compiled kernel (`cache_dir()/kernels`), keyed like it (its
 source, compiler, flags and CPU) and by torch's version and instruction-set settings, so it is redone
@@ -24,7 +25,6 @@ import functools
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,9 +38,11 @@ from . import native, onednn
 
 ROUTES_VERSION = 1
 PRODUCT_SHAPES = ((1536, 512), (512, 512), (2048, 512), (512, 2048))  # q/k/v, o, fc1, fc2 of a layer
-LAYERS_READ = 5  # copies of the shapes cycled through: 60 MiB, more than a core's share of any cache
-PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahead in (512, 1024, 2048))
-ROUNDS = 3  # interleaved rounds; each candidate's median counts
+LAYERS_READ = 10  # copies of the four shapes read in turn: 120 MiB (see `time_routes`)
+PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahead in (512, 2048))
+ROUNDS = (
+    5  # interleaved rounds; each candidate's fastest counts (a memory-bound read only loses time to noise)
+)
 ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
@@ -103,29 +105,37 @@ def cache_path(lib: object) -> Path:
 
 
 def time_routes() -> Routes:
-    """Times every candidate on this machine (well under a second) and keeps the fastest of each kind."""
+    """Times every candidate on this machine (under a second) and keeps the fastest of each kind.
+
+    The products read `LAYERS_READ` layers' weights in turn (120 MiB): a frame finds its weights cold,
+    and a smaller set would be timed partly from cache (an Intel Xeon read a 64 MiB set at 20 GB/s, a
+    256 MiB one at 12). The kernel's blocks are the weights the BLAS reads too (as [out, in] matrices
+    of other values, the same bytes), so at most two copies are held: ~240 MiB, for that second.
+    """
     generator = torch.Generator().manual_seed(0)
-    weights = [
-        torch.empty(shape).uniform_(-1, 1, generator=generator) for shape in PRODUCT_SHAPES * LAYERS_READ
-    ]
     rows = {shape[1]: torch.randn(2, shape[1], generator=generator) for shape in PRODUCT_SHAPES}
+    blocks = [
+        native.pack(torch.empty(shape).uniform_(-1, 1, generator=generator)) for shape in PRODUCT_SHAPES
+    ]
+    blocks = [native.PackedBlocks(b.blocks.clone(), b.out_features) for b in blocks * LAYERS_READ]
+    matrices = [b.blocks.view(-1, b.blocks.shape[1])[: b.out_features] for b in blocks]  # [out, in] views
+    widths = [b.blocks.shape[1] for b in blocks]
 
     def through(packed: list) -> Callable[[], None]:
-        return _cycle(
-            [
-                functools.partial(p.times_rows, rows[w.shape[1]], None)
-                for p, w in zip(packed, weights, strict=True)
-            ]
-        )
+        calls = [functools.partial(p.times_rows, rows[w], None) for p, w in zip(packed, widths, strict=True)]
+        return _cycle(calls)
 
-    kernel = through([native.pack(weight) for weight in weights])
+    kernel = through(blocks)
     prefetch_times = _fastest(
         {candidate: _prefetched(candidate, kernel) for candidate in PREFETCH_CANDIDATES}
     )
     best_prefetch = min(prefetch_times, key=prefetch_times.get)
     native.set_prefetch(*best_prefetch)
-    candidates = {"kernel": kernel, "blas": _cycle([_blas(w, rows[w.shape[1]]) for w in weights])}
-    packed = [onednn.pack_rows(weight) for weight in weights]
+    candidates = {
+        "kernel": kernel,
+        "blas": _cycle([_blas(m, rows[w]) for m, w in zip(matrices, widths, strict=True)]),
+    }
+    packed = [onednn.pack_rows(matrix) for matrix in matrices]
     if all(p is not None for p in packed):
         candidates["onednn"] = through(packed)
     product_times = _fastest(candidates)
@@ -150,20 +160,34 @@ def _prefetched(prefetch: tuple[int, int], call: Callable[[], None]) -> Callable
 
 
 def _attention_candidates(generator: torch.Generator) -> dict[str, Callable[[], None]]:
-    """Streamed two-step calls of the released model's attention (8 heads of 64, 250 keys) over the
-    windows of `LAYERS_READ` · 4 layers, read cold as a frame finds them."""
+    """A streamed two-step call's attention, from the stacked q/k/v to the mixed values, in each
+    route's form: the kernel's one call (`native.rope_attention`, the window written in place), or
+    torch's RoPE, window concatenation and `scaled_dot_product_attention`. The released model's
+    sizes (8 heads of 64, 250 keys), over the windows of 2 · `LAYERS_READ` layers, read cold as a
+    frame finds them."""
+    from .transformer import apply_rope, rope_tables  # (transformer imports this module)
+
     heads, dim, keys, steps = 8, 64, 250, 2
-    q = torch.randn(1, heads, steps, dim, generator=generator)
-    windows = torch.randn(4 * LAYERS_READ, 2, 1, heads, keys, dim, generator=generator)
-    position = torch.arange(steps)[:, None] + keys - steps - torch.arange(keys)[None, :]
-    mask = (position >= 0) & (position < keys)
+    qkv = torch.randn(steps, 3 * heads * dim, generator=generator)
+    cos, sin = rope_tables(torch.arange(keys - steps, keys), dim, 10_000.0, torch.float32)
+    windows = torch.randn(2 * LAYERS_READ, 2, 1, heads, keys, dim, generator=generator)
+
+    def through_torch(k: torch.Tensor, v: torch.Tensor) -> None:
+        q, new_k, new_v = (
+            t.view(1, steps, heads, dim).transpose(1, 2) for t in qkv.view(steps, 3, -1).unbind(1)
+        )
+        q, new_k = apply_rope(q, cos, sin), apply_rope(new_k, cos, sin)
+        k = torch.cat([k[:, :, steps:], new_k], dim=2)
+        v = torch.cat([v[:, :, steps:], new_v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)  # (every key in the window: no mask needed)
+        out.transpose(1, 2).reshape(steps, -1)
+
+    def through_kernel(k: torch.Tensor, v: torch.Tensor) -> None:
+        native.rope_attention(qkv, cos, sin, k, v, keys - steps, keys)
+
     return {
-        "kernel": _cycle(
-            [functools.partial(native.window_attention, q, k, v, keys - steps, keys) for k, v in windows]
-        ),
-        "torch": _cycle(
-            [functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask) for k, v in windows]
-        ),
+        "kernel": _cycle([functools.partial(through_kernel, k, v) for k, v in windows]),
+        "torch": _cycle([functools.partial(through_torch, k, v) for k, v in windows]),
     }
 
 
@@ -182,7 +206,7 @@ def _cycle(calls: list[Callable[[], object]]) -> Callable[[], None]:
 
 
 def _fastest(candidates: dict, rounds: int = ROUNDS) -> dict:
-    """Each candidate's median time (s) over `rounds` interleaved rounds, after one untimed call each."""
+    """Each candidate's best time (s) over `rounds` interleaved rounds, after one untimed call each."""
     times: dict = {name: [] for name in candidates}
     for call in candidates.values():
         call()
@@ -191,7 +215,7 @@ def _fastest(candidates: dict, rounds: int = ROUNDS) -> dict:
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: min(values) for name, values in times.items()}
 
 
 def _read(path: Path) -> Routes | None:
