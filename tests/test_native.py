@@ -287,3 +287,23 @@ def test_one_row_residual_quantization_is_one_call_and_equals_the_whole_pass(mon
     assert calls == [5] * 50
     assert torch.equal(one_by_one, whole)
     assert whole.unique().numel() > 30  # the check means something
+
+
+def test_large_blocks_are_asked_for_huge_pages(monkeypatch):
+    """Whole 2 MiB pieces of the blocks are aligned and given to `madvise(MADV_HUGEPAGE)`; the tail is
+    not rounded up."""
+    calls = []
+
+    class Recorder:
+        def madvise(self, address, size, advice):
+            calls.append((address, size, advice))
+            return 0
+
+    monkeypatch.setattr(native, "_LIBC", Recorder())
+    weight = torch.randn(2048 + 32, 512)  # 4 MiB and one block of 64 KiB more
+    blocks = native._blocks(weight, 32).blocks
+    assert calls == [(blocks.data_ptr(), 4 << 20, 14)] and blocks.data_ptr() % (2 << 20) == 0
+    assert torch.equal(blocks[-1, :, 0], weight[-32])  # the last block, on plain pages, is whole
+    calls.clear()
+    native._blocks(torch.randn(64, 512), 32)  # 128 KiB: no whole huge page
+    assert calls == []
