@@ -46,6 +46,7 @@ from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa:
 
 from mimi_cli import load_model  # noqa: E402
 from mimi_cli.config import FRAME_SIZE, SAMPLE_RATE, MimiConfig  # noqa: E402
+from mimi_cli.model import routes  # noqa: E402
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
 FRAME_BYTES = FRAME_SIZE * 2  # s16le mono
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         weights.mkdir()
         write_hub_layout(weights, config, random_state(config, seed=1234))
         model = load_model(weights)
+        chosen = routes.chosen()  # timed here if not cached for this machine; the live processes read it
         bulk_before = bulk_per_frame(model, args.codebooks, args.bulk_seconds)
         result = run_pipeline(weights, args.codebooks, frames)
         bulk_after = bulk_per_frame(model, args.codebooks, args.bulk_seconds)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     drift = float(np.median(latency[-minute:]) - np.median(latency[:minute]))
     p = np.percentile
     print(header(info))
+    print(f"one-frame routes (chosen by timing on this machine, cached): {chosen.describe()}")
     print(
         f"live run: {len(latency) + 1} frames ({(len(latency) + 1) * FRAME_SECONDS / 60:.1f} min), "
         f"{args.codebooks} codebooks, 1 thread per process; "

@@ -81,6 +81,7 @@ CORPUS = [
     line("shards byte-identical across engines: yes"),
 ]
 LATENCY = [
+    line("one-frame routes (chosen by timing on this machine, cached): products: ", r"\w+, attention: \w+, "),
     line("live run: 20 frames "),
     r"^per-frame compute, ms +median +p99 +max +bulk +× bulk$",
     *(rf"^{step} +{NUM} +{NUM} +{NUM} +{NUM} +{NUM}×$" for step in ("encode", "decode")),
