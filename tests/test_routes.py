@@ -86,10 +86,16 @@ def test_the_cached_choice_is_reused_without_timing(timed, monkeypatch):
     assert routes.chosen() == first
 
 
-@pytest.mark.parametrize("change", ["cpu", "compiler flags", "torch settings"])
-def test_the_choice_is_redone_when_the_kernel_cpu_or_torch_change(timed, fresh_build, monkeypatch, change):
+@pytest.mark.parametrize("change", ["cpu", "compiler flags", "torch settings", "timing code"])
+def test_the_choice_is_redone_when_the_kernel_cpu_or_torch_change(
+    timed, fresh_build, tmp_path, monkeypatch, change
+):
     routes.chosen()
-    if change == "cpu":
+    if change == "timing code":  # a choice made by an older way of timing is not trusted
+        changed = tmp_path / "routes.py"
+        changed.write_text(open(routes.__file__).read() + "# another way of timing\n")
+        monkeypatch.setattr(routes, "__file__", str(changed))
+    elif change == "cpu":
         monkeypatch.setattr(native, "_cpu_id", lambda: b"another CPU")
     elif change == "compiler flags":
         monkeypatch.setenv(native.ARCH_ENV, "x86-64-v2" if os.uname().machine == "x86_64" else "armv8-a")

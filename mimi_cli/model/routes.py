@@ -13,9 +13,9 @@ where oneDNN read 9–10. So the first one-frame call times the candidates on th
   the attention), or torch's RoPE, window and `scaled_dot_product_attention`.
 
 The choice is written as JSON beside the compiled kernel (`cache_dir()/kernels`), keyed like it (its
-source, compiler, flags and CPU) and by torch's version and instruction-set settings, so it is redone
-when any of those change. `MIMI_NATIVE=1` takes the kernel everywhere it can run, `MIMI_NATIVE=0`
-never (torch's routes), without timing.
+source, compiler, flags and CPU), by this module's source (how the choice is made) and by torch's
+version and instruction-set settings, so it is redone when any of those change. `MIMI_NATIVE=1`
+takes the kernel everywhere it can run, `MIMI_NATIVE=0` never (torch's routes), without timing.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ def chosen() -> Routes:
 def cache_path(lib: object) -> Path:
     """Where this machine's choice is kept: beside the kernel, keyed by it, torch and its settings."""
     kernel = Path(getattr(lib, "_name", "kernel"))
-    parts = [kernel.name, torch.__version__, *(f"{name}={os.environ.get(name, '')}" for name in ENVIRONMENT)]
+    timing = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # how the choice is made
+    settings = (f"{name}={os.environ.get(name, '')}" for name in ENVIRONMENT)
+    parts = [kernel.name, timing, torch.__version__, *settings]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return kernel.with_name(f"routes-{key}.json")
 
