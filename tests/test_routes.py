@@ -86,12 +86,15 @@ def test_the_cached_choice_is_reused_without_timing(timed, monkeypatch):
     assert routes.chosen() == first
 
 
-@pytest.mark.parametrize("change", ["cpu", "compiler flags", "torch settings", "timing code"])
+@pytest.mark.parametrize("change", ["cpu", "compiler flags", "torch settings", "timing code", "threads"])
 def test_the_choice_is_redone_when_the_kernel_cpu_or_torch_change(
     timed, fresh_build, tmp_path, monkeypatch, change
 ):
     routes.chosen()
-    if change == "timing code":  # a choice made by an older way of timing is not trusted
+    if change == "threads":
+        other = torch.get_num_threads() + 1  # (as a process with another thread count sees it)
+        monkeypatch.setattr(routes.torch, "get_num_threads", lambda: other)
+    elif change == "timing code":  # a choice made by an older way of timing is not trusted
         changed = tmp_path / "routes.py"
         changed.write_text(open(routes.__file__).read() + "# another way of timing\n")
         monkeypatch.setattr(routes, "__file__", str(changed))

@@ -13,8 +13,10 @@ where oneDNN read 9–10. So the first one-frame call times the candidates on th
   the attention), or torch's RoPE, window and `scaled_dot_product_attention`.
 
 The choice is written as JSON beside the compiled kernel (`cache_dir()/kernels`), keyed like it (its
-source, compiler, flags and CPU), by this module's source (how the choice is made) and by torch's
-version and instruction-set settings, so it is redone when any of those change. `MIMI_NATIVE=1`
+source, compiler, flags and CPU), by this module's source (how the choice is made), by torch's
+version and instruction-set settings and by torch's thread count (oneDNN and the BLAS read with every
+thread, the kernel with one: a live process, on one thread, and a folder encode, on two, may choose
+differently), so it is redone when any of those change. `MIMI_NATIVE=1`
 takes the kernel everywhere it can run, `MIMI_NATIVE=0` never (torch's routes), without timing.
 """
 
@@ -43,7 +45,7 @@ PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahea
 ROUNDS = (
     5  # interleaved rounds; each candidate's fastest counts (a memory-bound read only loses time to noise)
 )
-ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def cache_path(lib: object) -> Path:
     kernel = Path(getattr(lib, "_name", "kernel"))
     timing = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # how the choice is made
     settings = (f"{name}={os.environ.get(name, '')}" for name in ENVIRONMENT)
-    parts = [kernel.name, timing, torch.__version__, *settings]
+    threads = f"threads={torch.get_num_threads()}"  # oneDNN and the BLAS use them all, the kernel one
+    parts = [kernel.name, timing, torch.__version__, threads, *settings]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return kernel.with_name(f"routes-{key}.json")
 
