@@ -80,11 +80,16 @@ def _read(path: Path) -> dict[str, object]:
 
 
 def _write(path: Path, entries: dict[str, object]) -> None:
-    """Replace the cache file atomically (a temporary file renamed over it); errors are ignored."""
+    write_json(path, {"version": CACHE_VERSION, "entries": entries})
+
+
+def write_json(path: Path, data: object) -> None:
+    """Replace a small cache file atomically (a temporary file beside it, renamed over it: a reader
+    never sees half a file); errors are ignored, as a cache is only an accelerator."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}), encoding="utf-8")
+        temp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(temp, path)
     except OSError:
         with contextlib.suppress(OSError):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from mimi_cli.model import native, onednn, routes
+from mimi_cli.model import linear, native, onednn, routes
 from mimi_cli.model.linear import Linear
 
 COMPILER = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -57,13 +57,13 @@ def test_a_route_made_slow_is_never_chosen(timed, monkeypatch, slow):
     elif slow == "onednn":
         monkeypatch.setattr(onednn.PackedRows, "times_rows", _slowed(onednn.PackedRows.times_rows))
     else:
-        monkeypatch.setattr(routes, "_blas", lambda weight, rows: _slowed(lambda: weight @ rows.mT))
+        monkeypatch.setattr(linear, "weight_times_rows", _slowed(linear.weight_times_rows))
     assert routes.chosen().products != slow
-    linear = Linear(1024, 512)
+    layer = Linear(1024, 512)
     with torch.inference_mode():
-        linear(torch.randn(2, 1024))
+        layer(torch.randn(2, 1024))
     kind = {"kernel": native.PackedBlocks, "onednn": onednn.PackedRows, "blas": type(None)}
-    assert not isinstance(linear.packed, kind[slow])  # the layers follow the choice
+    assert not isinstance(layer.packed, kind[slow])  # the layers follow the choice
 
 
 @pytest.mark.parametrize("slow", ["kernel", "torch"])

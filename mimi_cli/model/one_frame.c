@@ -60,7 +60,8 @@ int mimi_set_prefetch(long floats_ahead, int cache_locality) {
     BLOCK_TIMES_ROWS(2, L)          \
     BLOCK_TIMES_ROWS(3, L)          \
     BLOCK_TIMES_ROWS(4, L)          \
-    static void block_times_rows_##L(const float *w, int in, const float *const *x, int rows, float acc[][BLOCK]) { \
+    static void block_times_rows_##L(const float *w, int in, const float *const *x, int rows,   \
+                                     float acc[][BLOCK]) {                                      \
         switch (rows) {                                                                         \
             case 1: block_times_1_##L(w, in, x, acc); break;                                    \
             case 2: block_times_2_##L(w, in, x, acc); break;                                    \

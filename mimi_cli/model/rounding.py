@@ -69,9 +69,9 @@ def attention_bound(
 
     q [..., T, D], k and v [..., S, D], mask [T, S] (True: attended, at least one per row). Each score
     is a sum of D products, scaled once or by √scale on each side (four more roundings at most: error
-    δₜ ≤ γ_{D+5} · scale · Σ|q·k|); its weight exp(sₜ − max)
-    then errs by δₜ, plus u · |sₜ − max| from the subtraction, plus the exp's own EXP_ULPS · u, and a
-    shared factor cancels in the normalisation. Relative errors of at most E in the weights move the
+    δₜ ≤ γ_{D+5} · scale · Σ|q·k|); its weight exp(sₜ − max) then errs by δₜ, plus u · |sₜ − max|
+    from the subtraction, plus the exp's own EXP_ULPS · u, and a shared factor cancels in the
+    normalisation. Relative errors of at most E in the weights move the
     normalised weights wₜ by at most wₜ · 2E / (1 − E); the weighted sum of ≤ S values and the division
     add γ_{2S+2} (numerator and denominator sums). So |error| ≤ (2E / (1 − E) + γ_{2S+2}) · Σₜ wₜ·|vₜ|,
     with E the largest relative weight error of the row, made first-order (e^E − 1 for E).

@@ -22,12 +22,10 @@ takes the kernel everywhere it can run, `MIMI_NATIVE=0` never (torch's routes), 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -36,15 +34,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import fpcache
 from . import native, onednn
 
 ROUTES_VERSION = 1
 PRODUCT_SHAPES = ((1536, 512), (512, 512), (2048, 512), (512, 2048))  # q/k/v, o, fc1, fc2 of a layer
 LAYERS_READ = 10  # copies of the four shapes read in turn: 120 MiB (see `time_routes`)
 PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahead in (512, 2048))
-ROUNDS = (
-    5  # interleaved rounds; each candidate's fastest counts (a memory-bound read only loses time to noise)
-)
+# interleaved rounds; each candidate's fastest counts (a memory-bound read only loses time to noise)
+ROUNDS = 5
 ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
@@ -136,10 +134,12 @@ def time_routes() -> Routes:
     )
     best_prefetch = min(prefetch_times, key=prefetch_times.get)
     native.set_prefetch(*best_prefetch)
-    candidates = {
-        "kernel": kernel,
-        "blas": _cycle([_blas(m, rows[w]) for m, w in zip(matrices, widths, strict=True)]),
-    }
+    from .linear import weight_times_rows  # (linear imports this module)
+
+    blas = [
+        functools.partial(weight_times_rows, m, rows[w], None) for m, w in zip(matrices, widths, strict=True)
+    ]
+    candidates = {"kernel": kernel, "blas": _cycle(blas)}
     packed = [onednn.pack_rows(matrix) for matrix in matrices]
     if all(p is not None for p in packed):
         candidates["onednn"] = through(packed)
@@ -196,10 +196,6 @@ def _attention_candidates(generator: torch.Generator) -> dict[str, Callable[[], 
     }
 
 
-def _blas(weight: torch.Tensor, rows: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: torch.mm(weight, rows.mT).mT.contiguous()  # `linear.weight_times_rows`'s product
-
-
 def _cycle(calls: list[Callable[[], object]]) -> Callable[[], None]:
     """One call that makes every call of the list: a pass over weights too large to stay in cache."""
 
@@ -236,13 +232,4 @@ def _read(path: Path) -> Routes | None:
 
 
 def _write(path: Path, routes: Routes) -> None:
-    """Written to a temporary file, then renamed: a reader never sees half a file. Failures are ignored."""
-    with contextlib.suppress(OSError):
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".routes-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                json.dump({"version": ROUTES_VERSION, **asdict(routes)}, file, indent=1)
-            os.replace(partial, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
+    fpcache.write_json(path, {"version": ROUTES_VERSION, **asdict(routes)})
