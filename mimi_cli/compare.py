@@ -4,7 +4,9 @@ Mimi's codebooks are residual: the first k of the K codes of a frame are exactly
 with k codebooks gives, so one encode at max(ks) and a decode of `codes[:, :k]` per k yields what
 `mimi encode -k k` followed by `mimi decode` would (at 24 kHz). Everything is scored at 24 kHz on
 signals of the input's length (the decode is cut to it). Folders are scored file by file; two audio
-files (REFERENCE DEGRADED) are scored without any model.
+files (REFERENCE DEGRADED) are scored without any model. Other codecs (`--against opus:12`, see
+rivals.py) get the same 24 kHz input and the same metrics; every setting, Mimi's too, carries its
+nominal bitrate and the two it reached: payload (codes or packets) and file (with the container).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import numpy as np
 
 from . import __version__
 from .audio import AudioInfo, read_audio
-from .config import BITRATE_PER_CODEBOOK, SAMPLE_RATE
+from .config import BITRATE_PER_CODEBOOK, FRAME_SIZE, SAMPLE_RATE
 from .errors import AudioError, MimiError, one_line
 from .fsutil import display_name
 from .metrics import METRICS, Scores, json_number, score
+from .rivals import CODECS, Setting, delay_ms, reached_kbps, round_trip
 
 if TYPE_CHECKING:
     from .model import MimiModel
@@ -37,16 +40,28 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Rendition:
-    """One degraded version of the reference: decoded with `codebooks` codebooks, or a given file."""
+    """One degraded version of the reference: decoded with `codebooks` codebooks, another codec's round
+    trip, or a given file."""
 
-    label: str  # "8 codebooks" or the degraded file's name
+    label: str  # "8 codebooks", "opus 12 kbps" or the degraded file's name
     audio: np.ndarray  # float32 [T] at 24 kHz, T = len(reference)
     scores: Scores
-    codebooks: int | None = None  # None for a given file
-    kbps: float | None = None
+    codebooks: int | None = None  # None for a given file or another codec
+    kbps: float | None = None  # nominal
+    codec: str | None = None  # "mimi", "opus", ...; None for a given file
+    payload_kbps: float | None = None  # reached: codes or packets over the input's duration
+    file_kbps: float | None = None  # reached: the whole file (.mimi, Ogg, MP4, MP3)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "codebooks": self.codebooks, "kbps": self.kbps, **self.scores.as_dict()}
+        return {
+            "label": self.label,
+            "codec": self.codec,
+            "codebooks": self.codebooks,
+            "kbps": self.kbps,
+            "payload_kbps": self.payload_kbps,
+            "file_kbps": self.file_kbps,
+            **self.scores.as_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class Comparison:
     fingerprint: str | None = None  # weights fingerprint (hex); None when no model was used
     weights: str | None = None  # where the weights came from
     notes: tuple[str, ...] = field(default=())
+    delays: dict[str, str] = field(default_factory=dict)  # codec → the delay its stream signalled
 
     @property
     def duration(self) -> float:
@@ -76,8 +92,15 @@ class Comparison:
             "fingerprint": self.fingerprint,
             "version": __version__,
             "results": [r.as_dict() for r in self.renditions],
+            "codecs": {name: codec_settings(name) for name in self.delays},
+            "delays": dict(self.delays),
+            "bitrate_match": [m.as_dict() for m in self.matches()],
             "notes": list(self.notes),
         }
+
+    def matches(self) -> list[BitrateMatch]:
+        """For each Mimi setting, the Opus bitrate that scores as well (see `rivals.bitrate_match`)."""
+        return matches([r.as_dict() for r in self.renditions])
 
 
 def parse_codebooks(text: str, limit: int) -> tuple[int, ...]:
@@ -95,6 +118,25 @@ def parse_codebooks(text: str, limit: int) -> tuple[int, ...]:
 
 def kbps(codebooks: int) -> float:
     return round(codebooks * BITRATE_PER_CODEBOOK / 1000, 4)
+
+
+def mimi_bytes(codebooks: int, samples: int, source: str) -> tuple[int, int]:
+    """(payload, file) bytes of what `mimi encode -k codebooks` writes for `samples` at 24 kHz from a
+    file named `source`: the packed codes, and the whole .mimi file (header, metadata, chunks, CRCs)."""
+    from .container import CHUNK_OVERHEAD, DEFAULT_CHUNK_FRAMES, HEADER_BYTES, encode_metadata, file_size
+
+    frames = -(-samples // FRAME_SIZE)
+    metadata = len(encode_metadata({"tool": f"mimi-cli {__version__}", "source": source}))
+    size = file_size(codebooks, frames, metadata)
+    chunks = -(-frames // DEFAULT_CHUNK_FRAMES)
+    return size - HEADER_BYTES - metadata - chunks * CHUNK_OVERHEAD, size
+
+
+def codec_settings(codec: str) -> str:
+    """What each codec's encoder was asked for, for the page and --json."""
+    if codec == "mimi":
+        return "Mimi, one encode with the most codebooks, decoded with the first k; 24 kHz, in .mimi"
+    return CODECS[codec].settings
 
 
 def decode_prefixes(model: MimiModel, audio: np.ndarray, codebooks: tuple[int, ...]) -> Iterator[np.ndarray]:
@@ -120,16 +162,34 @@ def compare_audio(
     info: AudioInfo,
     codebooks: tuple[int, ...],
     progress: Progress | None = None,
+    against: tuple[Setting, ...] = (),
 ) -> Comparison:
-    """Score the decodes of `audio` (float32 [T] at 24 kHz) with each number of codebooks."""
+    """Score the decodes of `audio` (float32 [T] at 24 kHz) with each number of codebooks, then each
+    other codec's round trip (`against`)."""
     if not np.any(audio):
         raise AudioError(f"{name}: is silent (all samples zero): the metrics are undefined")
+    seconds = len(audio) / SAMPLE_RATE
+    steps = len(codebooks) + len(against)
     renditions = []
     for k, decoded in zip(codebooks, decode_prefixes(model, audio, codebooks), strict=True):
         label = f"{k} codebook" + ("s" if k > 1 else "")
-        renditions.append(Rendition(label, decoded, score(audio, decoded, SAMPLE_RATE), k, kbps(k)))
+        payload, size = mimi_bytes(k, len(audio), Path(name).name)
+        scores = score(audio, decoded, SAMPLE_RATE)
+        reached = reached_kbps(payload, seconds), reached_kbps(size, seconds)
+        renditions.append(Rendition(label, decoded, scores, k, kbps(k), "mimi", *reached))
         if progress:
-            progress(len(renditions), len(codebooks))
+            progress(len(renditions), steps)
+    delays = {"mimi": "none (decoded on the input's timeline)"} if codebooks else {}
+    for setting in against:
+        coded = round_trip(audio, setting)
+        reached = reached_kbps(coded.payload_bytes, seconds), reached_kbps(coded.file_bytes, seconds)
+        scores = score(audio, coded.audio, SAMPLE_RATE)
+        renditions.append(
+            Rendition(setting.label, coded.audio, scores, None, setting.kbps, setting.codec, *reached)
+        )
+        delays[setting.codec] = delay_ms(setting.codec, coded.delay)
+        if progress:
+            progress(len(renditions), steps)
     return Comparison(
         name,
         info,
@@ -138,6 +198,7 @@ def compare_audio(
         model.fingerprint.hex(),
         model.source or None,
         _notes(renditions),
+        delays,
     )
 
 
@@ -146,11 +207,12 @@ def compare_file(
     path: str | os.PathLike[str],
     codebooks: tuple[int, ...],
     progress: Progress | None = None,
+    against: tuple[Setting, ...] = (),
 ) -> Comparison:
     """Read an audio file (any format, rate and channels; downmixed, resampled to 24 kHz) and compare."""
     _refuse_mimi(path)
     audio, info = read_audio(path)
-    return compare_audio(model, display_name(path), audio, info, codebooks, progress)
+    return compare_audio(model, display_name(path), audio, info, codebooks, progress, against)
 
 
 def compare_pair(reference: str | os.PathLike[str], degraded: str | os.PathLike[str]) -> Comparison:
@@ -228,34 +290,108 @@ def discover(in_dir: Path, glob: str | None = None, exclude: Path | None = None)
 
 
 def compare_folder(
-    model: MimiModel, files: list[tuple[str, Path]], codebooks: tuple[int, ...]
+    model: MimiModel,
+    files: list[tuple[str, Path]],
+    codebooks: tuple[int, ...],
+    against: tuple[Setting, ...] = (),
 ) -> Iterator[FolderItem]:
     """Compare each file in turn; a file that cannot be read or scored fails alone."""
     for relative, path in files:
         try:
-            yield FolderItem(relative, comparison=compare_file(model, path, codebooks))
+            yield FolderItem(relative, comparison=compare_file(model, path, codebooks, against=against))
         except (MimiError, ValueError, OSError) as e:
             yield FolderItem(relative, error=one_line(e))
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean, standard deviation (population), min and max of each metric per k over files.
+    """Mean, standard deviation (population), min and max of each metric per setting over files.
 
-    `results` are `Comparison.as_dict()["results"]` lists flattened (one dict per file and k). Files
-    where a metric is None (PESQ absent, STOI undefined) are left out of that metric's figures; ±inf
-    SI-SDR values make the mean ±inf and the spread None.
+    `results` are `Comparison.as_dict()["results"]` lists flattened (one dict per file and setting: a
+    number of codebooks, or a codec at a nominal bitrate). Mimi's settings come first by k, then the
+    other codecs in the order met, each by bitrate. Files where a metric is None (PESQ absent, STOI
+    undefined) are left out of that metric's figures; ±inf SI-SDR values make the mean ±inf and the
+    spread None. The reached bitrates are averaged the same way.
     """
-    by_k: dict[int, list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for result in results:
-        by_k.setdefault(result["codebooks"], []).append(result)
+        codec = result.get("codec") or "mimi"
+        key = (codec, result["codebooks"] if codec == "mimi" else result["kbps"])
+        groups.setdefault(key, []).append(result)
+    codecs = list(dict.fromkeys(codec for codec, _ in groups))
     summary = []
-    for k in sorted(by_k):
-        row: dict[str, Any] = {"codebooks": k, "kbps": kbps(k), "files": len(by_k[k])}
+    for codec, value in sorted(groups, key=lambda key: (key[0] != "mimi", codecs.index(key[0]), key[1])):
+        members = groups[codec, value]
+        mimi = codec == "mimi"
+        row: dict[str, Any] = {
+            "label": members[0].get("label") or f"{value} codebooks",
+            "codec": codec,
+            "codebooks": value if mimi else None,
+            "kbps": kbps(int(value)) if mimi else value,
+            "files": len(members),
+        }
+        for key in ("payload_kbps", "file_kbps"):
+            reached = [r[key] for r in members if r.get(key) is not None]
+            row[key] = round(float(np.mean(reached)), 4) if reached else None
         for metric in METRICS:
-            values = np.array([float(r[metric.key]) for r in by_k[k] if r[metric.key] is not None])
+            values = np.array([float(r[metric.key]) for r in members if r[metric.key] is not None])
             row[metric.key] = _stats(values)
         summary.append(row)
     return summary
+
+
+@dataclass(frozen=True)
+class BitrateMatch:
+    """The lowest Opus bitrate scoring at least as well as one Mimi setting on STOI and mel distance."""
+
+    codebooks: int
+    mimi_kbps: float  # Mimi's payload kbps
+    opus_kbps: float | None  # interpolated on Opus's measured curve (payload kbps); None: no match
+    lowest: bool  # Opus's lowest measured bitrate already scores as well (the match is at most that)
+    highest: float  # Opus's highest measured payload kbps
+
+    def text(self) -> str:
+        mimi = f"Mimi {self.mimi_kbps:.3g} kbps ({self.codebooks} codebooks)"
+        if self.opus_kbps is None:
+            return f"{mimi}: none up to {self.highest:.3g} kbps (no Opus bitrate measured scores as well)"
+        if self.lowest:
+            return f"{mimi} ≈ Opus at most {self.opus_kbps:.3g} kbps (its lowest measured)"
+        return f"{mimi} ≈ Opus {self.opus_kbps:.3g} kbps"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "codebooks": self.codebooks,
+            "mimi_kbps": self.mimi_kbps,
+            "opus_kbps": self.opus_kbps,
+            "at_most": self.lowest,
+            "opus_highest_kbps": self.highest,
+            "text": self.text(),
+        }
+
+
+def matches(rows: list[dict[str, Any]]) -> list[BitrateMatch]:
+    """Bitrate matches of result rows (a file's results, or `summarize` rows: their means are used).
+
+    Needs Mimi rows and at least two Opus rows with STOI; the curve's x is the reached payload kbps."""
+    from .rivals import bitrate_match
+
+    def value(row: dict[str, Any], key: str) -> float | None:
+        cell = row[key]
+        cell = cell["mean"] if isinstance(cell, dict) else cell
+        return None if cell is None else float(cell)
+
+    opus = [r for r in rows if r.get("codec") == "opus" and value(r, "stoi") is not None]
+    curve = [(float(r["payload_kbps"]), value(r, "stoi"), value(r, "mel_distance")) for r in opus]
+    found = []
+    for row in rows:
+        stoi = value(row, "stoi")
+        if row.get("codec") != "mimi" or len(curve) < 2 or stoi is None:
+            continue
+        mel = value(row, "mel_distance")
+        assert mel is not None  # mel distance is always defined
+        opus_kbps, lowest = bitrate_match(curve, stoi, mel)
+        highest = max(x for x, _, _ in curve)
+        found.append(BitrateMatch(row["codebooks"], row["payload_kbps"], opus_kbps, lowest, highest))
+    return found
 
 
 def _stats(values: np.ndarray) -> dict[str, Any]:

@@ -4,6 +4,8 @@ Everything a page shows is inside it as data: URIs (audio as 16-bit FLAC at 24 k
 drawn with matplotlib's Agg canvas), so a page can be mailed or moved alone. A folder's report is an
 index page (REPORT.html) plus one such page per file in a sibling folder REPORT_files/, linked
 relatively: move the two together. matplotlib is imported here only (the optional extra).
+With other codecs (`--against`), each setting gets its own player and spectrograms, the curves put every
+codec on one chart (reached kbps, log axis), and the page says how they were run and aligned.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .metrics import METRICS, format_value, stft_magnitudes
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .compare import Comparison
+    from .compare import BitrateMatch, Comparison, Rendition
 
 SPECTROGRAM_FFT = 1024  # 43 ms window at 24 kHz
 SPECTROGRAM_COLUMNS = 3000  # at most this many STFT frames per image: the hop grows for long inputs
@@ -68,7 +70,7 @@ def write_page(path: str | os.PathLike[str], comparison: Comparison, index: str 
         )
     ]
     for rendition in renditions:
-        title = rendition.label + (f" · {rendition.kbps:g} kbps" if rendition.kbps is not None else "")
+        title = _title(rendition)
         decoded_db = log_spectrogram(rendition.audio)
         rows.append(
             _listen_row(
@@ -88,6 +90,7 @@ def write_page(path: str | os.PathLike[str], comparison: Comparison, index: str 
         _meta_line(comparison),
         _notes(comparison.notes),
         _section("Scores", _scores_table(results)),
+        _against(list(comparison.delays), comparison.matches(), comparison.fingerprint, comparison.delays),
         curves,
         _section("Listen and look", "\n".join(rows), _SPECTROGRAM_NOTE),
         _definitions(),
@@ -103,8 +106,9 @@ def write_index(
     failures: Sequence[tuple[str, str]],
     fingerprint: str,
     weights: str | None,
+    matches: Sequence[BitrateMatch] = (),
 ) -> None:
-    """A folder's page: mean and spread per k, the curves of the means, and every file linked.
+    """A folder's page: mean and spread per setting, the curves of the means, and every file linked.
 
     `files`: dicts with "relative", "page" (a path relative to the index), "duration" and "results"
     (as in `Comparison.as_dict`). `failures`: (relative path, error).
@@ -134,6 +138,7 @@ def write_index(
         f"<h1>{html.escape(folder)}</h1>",
         f'<p class="meta">{meta}</p>',
         _section("Mean ± spread over files", _summary_table(summary), _SPREAD_NOTE),
+        _against(list(dict.fromkeys(row.get("codec") or "mimi" for row in summary)), matches, fingerprint),
         _section(
             "Rate–quality curves (means)", _img(curves_png(summary, spread=True), "rate–quality curves")
         ),
@@ -172,6 +177,42 @@ def _meta_line(comparison: Comparison) -> str:
     return f'<p class="meta">{" · ".join(parts)}</p>'
 
 
+def _title(rendition: Rendition) -> str:
+    """A setting's heading: "8 codebooks · 1.1 kbps", "opus 12 kbps · reached 11.3 kbps"."""
+    if rendition.codec not in (None, "mimi") and rendition.payload_kbps is not None:
+        return f"{rendition.label} · reached {rendition.payload_kbps:.3g} kbps"
+    return rendition.label + (f" · {rendition.kbps:g} kbps" if rendition.kbps is not None else "")
+
+
+def _against(
+    codecs: list[str],
+    matches: Sequence[BitrateMatch],
+    fingerprint: str | None,
+    delays: dict[str, str] | None = None,
+) -> str:
+    """How the other codecs were run, aligned and matched; nothing when Mimi is alone."""
+    if len(codecs) < 2 and not matches:
+        return ""
+    from .compare import codec_settings
+
+    items = []
+    for codec in codecs:
+        delay = f"; delay signalled: {html.escape(delays[codec])}" if delays and codec in delays else ""
+        items.append(f"<li><b>{html.escape(codec)}</b>: {html.escape(codec_settings(codec))}{delay}</li>")
+    lines = "".join(f"<li>{html.escape(m.text())}</li>" for m in matches)
+    match = ""
+    if matches:
+        match = (
+            f"<p><b>Bitrate match</b>, measured with weights <code>{html.escape(fingerprint or '')}</code>: "
+            "for each Mimi setting, the lowest Opus bitrate (payload kbps, interpolated on Opus's measured "
+            "curve, linear in log kbps) scoring at least as well on both STOI and mel distance. Other "
+            f"weights give other figures for Mimi.</p><ul>{lines}</ul>"
+        )
+    return _section(
+        "Same input, same metrics, reached bitrates", f"<ul>{''.join(items)}</ul>{match}", _AGAINST
+    )
+
+
 def _notes(notes: Sequence[str]) -> str:
     return "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
 
@@ -196,19 +237,34 @@ def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
 
+_SETTING_HEADINGS = ("codec", "codebooks", "kbps", "payload kbps", "file kbps")
+
+
 def _result_header(first: str) -> str:
     cells = "".join(f"<th>{html.escape(m.heading())}</th>" for m in METRICS)
-    return f"<tr><th>{first}</th><th>codebooks</th><th>kbps</th>{cells}</tr>"
+    settings = "".join(f"<th>{h}</th>" for h in _SETTING_HEADINGS)
+    return f"<tr><th>{first}</th>{settings}{cells}</tr>"
+
+
+def _setting_cells(result: dict[str, Any]) -> str:
+    """codec, k, nominal kbps, reached payload and file kbps."""
+    k, codec = result["codebooks"], result.get("codec")
+    reached = (_kbps(result.get("payload_kbps"), 4), _kbps(result.get("file_kbps"), 4))
+    return (
+        f"<td>{html.escape(codec) if codec else '—'}</td><td>{k if k is not None else '—'}</td>"
+        f"<td>{_kbps(result['kbps'])}</td><td>{reached[0]}</td><td>{reached[1]}</td>"
+    )
 
 
 def _result_cells(result: dict[str, Any]) -> str:
-    k = result["codebooks"]
     cells = "".join(f"<td>{format_value(result[m.key], m.key)}</td>" for m in METRICS)
-    return f"<td>{k if k is not None else '—'}</td><td>{_kbps(result['kbps'])}</td>{cells}"
+    return _setting_cells(result) + cells
 
 
-def _kbps(value: float | None) -> str:
-    return "—" if value is None else f"{value:g}"
+def _kbps(value: float | None, digits: int | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}g}" if digits else f"{value:g}"
 
 
 def _scores_table(results: Sequence[dict[str, Any]]) -> str:
@@ -223,10 +279,9 @@ def _summary_table(summary: Sequence[dict[str, Any]]) -> str:
     rows = []
     for row in summary:
         cells = "".join(f"<td>{spread_text(row[m.key], m.key)}</td>" for m in METRICS)
-        rows.append(
-            f"<tr><td>{row['codebooks']}</td><td>{row['kbps']:g}</td><td>{row['files']}</td>{cells}</tr>"
-        )
-    head = f"<tr><th>codebooks</th><th>kbps</th><th>files</th>{header}</tr>"
+        rows.append(f"<tr>{_setting_cells(row)}<td>{row['files']}</td>{cells}</tr>")
+    settings = "".join(f"<th>{h}</th>" for h in _SETTING_HEADINGS)
+    head = f"<tr>{settings}<th>files</th>{header}</tr>"
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -332,27 +387,52 @@ def _label(axes: Any, title: str) -> None:
 
 
 def curves_png(rows: Sequence[dict[str, Any]], spread: bool = False) -> str:
-    """Each metric against kbps, one panel per metric. `rows`: per-k results, or with `spread` the
-    `compare.summarize` rows (mean line, ± one standard deviation shaded)."""
+    """Each metric against kbps (log axis), one panel per metric, one line per codec. `rows`: per-setting
+    results, or with `spread` the `compare.summarize` rows (mean line, ± one standard deviation shaded).
+
+    x is the bitrate reached (payload kbps) where known, else the nominal one. Mimi alone keeps its
+    ticks at its own points, labelled with the number of codebooks."""
+    from matplotlib.ticker import FuncFormatter
+
     metrics = [m for m in METRICS if any(_mean(row[m.key]) is not None for row in rows)]
+    codecs = list(dict.fromkeys(row.get("codec") or "mimi" for row in rows))
     columns = 3
-    figure = _figure(10.5, 3.0 * math.ceil(len(metrics) / columns))
-    kbps = np.array([row["kbps"] for row in rows])
-    ticks = [f"{row['kbps']:g}\n({row['codebooks']})" for row in rows]
+    figure = _figure(10.5, 3.0 * math.ceil(len(metrics) / columns) + (0.3 if len(codecs) > 1 else 0))
     for i, metric in enumerate(metrics, start=1):
         axes = figure.add_subplot(math.ceil(len(metrics) / columns), columns, i)
-        means = np.array([_finite(_mean(row[metric.key])) for row in rows])
-        axes.plot(kbps, means, marker="o", color="tab:blue")
-        if spread:
-            stds = np.array([_finite(row[metric.key]["std"]) for row in rows])
-            axes.fill_between(kbps, means - stds, means + stds, color="tab:blue", alpha=0.2, linewidth=0)
+        for j, codec in enumerate(codecs):
+            colour = _COLOURS[j % len(_COLOURS)]
+            own = [row for row in rows if (row.get("codec") or "mimi") == codec]
+            kbps = np.array([_reached(row) for row in own])
+            means = np.array([_finite(_mean(row[metric.key])) for row in own])
+            axes.plot(kbps, means, marker="o", color=colour, label=codec)
+            if spread:
+                stds = np.array([_finite(row[metric.key]["std"]) for row in own])
+                axes.fill_between(kbps, means - stds, means + stds, color=colour, alpha=0.2, linewidth=0)
         axes.set_xscale("log", base=2)
-        axes.set_xticks(kbps, ticks, fontsize=8)
-        axes.minorticks_off()
-        axes.set_xlabel("kbps (codebooks)", fontsize=9)
+        if len(codecs) == 1:
+            ticks = [f"{_reached(row):.3g}\n({row['codebooks']})" for row in rows]
+            axes.set_xticks([_reached(row) for row in rows], ticks, fontsize=8)
+            axes.minorticks_off()
+            axes.set_xlabel("kbps (codebooks)", fontsize=9)
+        else:
+            axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            axes.tick_params(labelsize=8)
+            axes.set_xlabel("kbps reached (payload), log scale", fontsize=9)
         axes.set_title(metric.heading(), fontsize=10)
         axes.grid(True, alpha=0.3)
+    if len(codecs) > 1:
+        handles, labels = figure.axes[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="outside lower center", ncols=len(codecs), fontsize=9)
     return _png_uri(figure)
+
+
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def _reached(row: dict[str, Any]) -> float:
+    value = row.get("payload_kbps")
+    return float(row["kbps"] if value is None else value)
 
 
 def _mean(value: Any) -> Any:
@@ -372,6 +452,12 @@ def _finite(value: Any) -> float:
 _SPECTROGRAM_NOTE = (
     "Spectrograms share one colour scale: the original's loudest point down to 80 dB below. In the "
     "difference spectrograms red is energy the decode added (noise, artefacts), blue energy it lost."
+)
+_AGAINST = (
+    "Every setting below encoded the same 24 kHz mono signal, was decoded back to 24 kHz, aligned by "
+    "the delay its own stream signals (never by searching for a lag), cut to the original's length and "
+    "scored with the same metrics. Bitrates are those reached on this audio: payload (codes or packets) "
+    "and file (with the container), over the original's duration, beside the nominal ones."
 )
 _SPREAD_NOTE = "Mean ± standard deviation over the files; the files' own figures are further down."
 _READING_NOTE = (

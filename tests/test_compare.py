@@ -25,10 +25,12 @@ from mimi_cli.compare import (
     compare_folder,
     compare_pair,
     discover,
+    mimi_bytes,
     parse_codebooks,
     summarize,
 )
 from mimi_cli.errors import AudioError, MimiError
+from mimi_cli.rivals import Setting, bitrate_match
 from mimi_cli.weights import load_model
 
 RUNNER = CliRunner()
@@ -52,6 +54,14 @@ def one_line(stderr: str) -> str:
 def _plain_environment(monkeypatch) -> None:
     monkeypatch.delenv("MIMI_DEBUG", raising=False)
     monkeypatch.delenv("MIMI_WEIGHTS", raising=False)
+
+
+@pytest.fixture
+def wide(monkeypatch) -> None:
+    """A terminal wide enough for every column (rich squeezes headings to fit 80)."""
+    from mimi_cli.cli import common
+
+    monkeypatch.setattr(common.stdout, "width", 160)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +212,99 @@ def test_a_bad_file_of_a_folder_fails_alone(model, clip, tmp_path):
     assert bad.comparison is None and "empty.wav" in bad.error
 
 
+# ---------------------------------------------------------------------------------------------- against
+
+
+def test_mimi_bytes_are_what_encode_writes(model, clip, clip_comparison, tmp_path):
+    """Mimi's reached bitrates come from the .mimi layout: the file's size is exactly what `mimi encode`
+    writes, the payload its packed codes (19 frames × k × 11 bits, in one chunk)."""
+    for rendition in clip_comparison.renditions:
+        k = rendition.codebooks
+        written = encode_file(model, clip, tmp_path / f"{k}.mimi", k)
+        payload, size = mimi_bytes(k, 36_000, "clip.wav")
+        assert size == (tmp_path / f"{k}.mimi").stat().st_size and written.frames == 19
+        assert payload == math.ceil(19 * k * 11 / 8)
+        assert rendition.payload_kbps == round(payload * 8 / 1.5 / 1000, 4)
+        assert rendition.file_kbps == round(size * 8 / 1.5 / 1000, 4) > rendition.payload_kbps
+        assert rendition.codec == "mimi" and rendition.kbps < rendition.payload_kbps  # the last frame
+
+
+@pytest.fixture(scope="module")
+def against(model, clip) -> Comparison:
+    settings = (Setting("opus", 6), Setting("opus", 12), Setting("opus", 24), Setting("mp3", 16))
+    return compare_file(model, clip, (2, 8), against=settings)
+
+
+def test_compare_against_other_codecs(against):
+    results = against.as_dict()["results"]
+    assert [(r["codec"], r["codebooks"], r["kbps"]) for r in results] == [
+        ("mimi", 2, 0.275), ("mimi", 8, 1.1), ("opus", None, 6), ("opus", None, 12), ("opus", None, 24),
+        ("mp3", None, 16),
+    ]  # fmt: skip
+    for rendition in against.renditions:
+        assert len(rendition.audio) == len(against.reference) == 36_000
+        assert 0 < rendition.payload_kbps < rendition.file_kbps
+    opus = [r for r in against.renditions if r.codec == "opus"]
+    assert [r.label for r in opus] == ["opus 6 kbps", "opus 12 kbps", "opus 24 kbps"]
+    # Real codecs on speech-like audio beat random weights by far on every metric.
+    for r in opus:
+        assert r.scores.stoi > 0.8 > against.renditions[0].scores.stoi
+    assert against.delays["opus"] == "312 samples at 48 kHz (6.5 ms)"
+    assert against.delays["mp3"] == "1105 samples at 24 kHz (46.0 ms)"
+    summary = against.as_dict()
+    assert "application=voip" in summary["codecs"]["opus"] and set(summary["codecs"]) == {
+        "mimi",
+        "opus",
+        "mp3",
+    }
+    json.dumps(summary, allow_nan=False)
+
+
+def test_bitrate_match_of_a_comparison(against):
+    """The match lines use Opus's measured curve (payload kbps, STOI, mel distance) and Mimi's scores."""
+    curve = [
+        (r.payload_kbps, r.scores.stoi, r.scores.mel_distance)
+        for r in against.renditions
+        if r.codec == "opus"
+    ]
+    found = against.matches()
+    assert [m.codebooks for m in found] == [2, 8]
+    for match, mimi in zip(found, against.renditions[:2], strict=True):
+        expected = bitrate_match(curve, mimi.scores.stoi, mimi.scores.mel_distance)
+        assert (match.opus_kbps, match.lowest) == expected and match.mimi_kbps == mimi.payload_kbps
+        assert match.highest == max(x for x, _, _ in curve)
+    # Random weights score far below Opus at 6 kbps: "at most" its lowest bitrate, and said so.
+    assert found[0].lowest and "at most" in found[0].text()
+    assert against.as_dict()["bitrate_match"][0]["at_most"] is True
+
+
+def test_summarize_groups_settings():
+    def result(codec, k, kbps, stoi, payload):
+        values = {
+            "si_sdr": 1.0,
+            "mel_distance": 1.0,
+            "spectral_convergence": 0.5,
+            "estoi": None,
+            "pesq": None,
+        }
+        label = f"{codec} {kbps} kbps"
+        return {"label": label, "codec": codec, "codebooks": k, "kbps": kbps, "payload_kbps": payload,
+                "file_kbps": payload + 1, "stoi": stoi, **values}  # fmt: skip
+
+    results = [
+        result("opus", None, 12, 0.9, 11.0), result("mimi", 8, 1.1, 0.5, 1.2),
+        result("mp3", None, 16, 0.8, 16.2), result("opus", None, 6, 0.8, 6.5),
+        result("opus", None, 12, 0.7, 13.0), result("mimi", 8, 1.1, 0.3, 1.2),
+    ]  # fmt: skip
+    summary = summarize(results)
+    assert [(row["codec"], row["kbps"], row["files"]) for row in summary] == [
+        ("mimi", 1.1, 2), ("opus", 6, 1), ("opus", 12, 2), ("mp3", 16, 1),
+    ]  # fmt: skip
+    opus_12 = summary[2]
+    assert opus_12["stoi"]["mean"] == pytest.approx(0.8) and opus_12["stoi"]["std"] == pytest.approx(0.1)
+    assert opus_12["payload_kbps"] == 12.0 and opus_12["file_kbps"] == 13.0 and opus_12["codebooks"] is None
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -214,16 +317,18 @@ def test_cli_file_json(tiny_weights, clip, model):
     assert summary["version"] and summary["duration"] == 1.5
 
 
-def test_cli_file_table(tiny_weights, clip):
+def test_cli_file_table(tiny_weights, clip, wide):
     result = mimi("compare", clip, "-k", "2,8", "-w", tiny_weights)
     assert result.exit_code == 0, result.output
     for heading in ("SI-SDR", "mel", "SC", "STOI", "ESTOI", "PESQ", "kbps"):
         assert heading in result.stdout
-    rows = [line for line in result.stdout.splitlines() if re.match(r"│\s+(2|8) │", line)]
+    rows = [line for line in result.stdout.splitlines() if re.match(r"│ mimi\s+│\s+(2|8) │", line)]
     assert len(rows) == 2 and "0.275" in rows[0] and "1.1" in rows[1]
+    # reached: 19 frames (18.75 completed) × 2 × 11 bits = 53 bytes in 1.5 s, then the file's bytes
+    assert "0.283 / 0.8" in rows[0]
 
 
-def test_cli_pair(tmp_path):
+def test_cli_pair(tmp_path, wide):
     speech = speech_like(2.0, seed=8)
     reference = _wav(tmp_path / "ref.wav", speech)
     degraded = _wav(tmp_path / "deg.wav", speech + np.float32(0.01) * speech_like(2.0, seed=9))
@@ -276,7 +381,7 @@ def test_cli_folder_with_report(tiny_weights, clip, tmp_path):
         pytest.param(["-k", "0,4"], "--codebooks: each value must be in 1..32", id="codebooks"),
         pytest.param(["--report", "{tmp}/r.txt"], "expected a .html file", id="report-suffix"),
         pytest.param(["--report", "{tmp}/no/r.html"], "does not exist", id="report-folder"),
-        pytest.param(["{clip}"], "--codebooks and --weights apply to IN alone", id="pair-with-k"),
+        pytest.param(["{clip}"], "--codebooks, --weights and --against apply to IN", id="pair-with-k"),
     ],
 )
 def test_cli_refusals(tiny_weights, clip, tmp_path, args, message):
@@ -302,6 +407,83 @@ def test_cli_bad_inputs(tiny_weights, tmp_path, make, message):
     result = mimi("compare", make(tmp_path), "-w", tiny_weights)
     assert result.exit_code == 2, result.output
     assert message in one_line(result.stderr)
+
+
+def test_cli_against_json(tiny_weights, clip):
+    result = mimi(
+        "compare", clip, "-k", "8", "-w", tiny_weights, "--against", "mp3:16,opus:12,opus:6", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    rows = [(r["codec"], r["kbps"]) for r in summary["results"]]
+    assert rows == [("mimi", 1.1), ("mp3", 16), ("opus", 6), ("opus", 12)]
+    for row in summary["results"]:
+        assert row["payload_kbps"] > 0 and row["file_kbps"] > row["payload_kbps"]
+    assert set(summary["delays"]) == {"mimi", "mp3", "opus"}
+    (match,) = summary["bitrate_match"]
+    assert match["codebooks"] == 8 and match["text"].startswith("Mimi 1.11 kbps (8 codebooks)")
+
+
+def test_cli_against_table(tiny_weights, clip, wide, model):
+    result = mimi("compare", clip, "-k", "2", "-w", tiny_weights, "--against", "opus:6,opus:24,aac:24")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for codec, kbps in (("opus", 6), ("opus", 24), ("aac", 24)):
+        (row,) = [
+            line for line in lines if re.match(rf"│ {codec}\s+│\s+— │\s+{kbps} │\s+[\d.]+ / [\d.]+ │", line)
+        ]
+    header = f"bitrate match on STOI and mel distance, measured with weights {model.fingerprint.hex()}"
+    assert header in result.stdout and "Mimi 0.283 kbps (2 codebooks) ≈ Opus" in result.stdout
+
+
+@pytest.mark.parametrize("item", ["opus:", "opus:0", "flac:6", "speex:8", "vorbis:32", "opus:6,mp3:17"])
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_cli_against_refuses_bad_items_before_any_work(clip, tmp_path, item, kind):
+    """One line naming the item, exit 2, before the weights are even looked for and nothing written."""
+    target = clip if kind == "file" else clip.parent
+    report = tmp_path / "r.html"
+    result = mimi("compare", target, "--against", item, "-w", tmp_path / "no-weights", "--report", report)
+    assert result.exit_code == 2, result.output
+    line = one_line(result.stderr)
+    bad = item.split(",")[-1]
+    assert line.startswith(f"error: --against {bad}: ")
+    if item.startswith(("flac", "speex")):
+        assert "unknown codec" in line
+    if item.startswith("vorbis"):
+        assert "no vorbis encoder" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_folder_against(tiny_weights, clip, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.wav").write_bytes(clip.read_bytes())
+    sf.write(corpus / "b.flac", speech_like(2.0, 22_050, seed=12), 22_050)
+    report = tmp_path / "listen.html"
+    args = ["-k", "2", "--against", "opus:6,opus:12", "-w", tiny_weights, "--report", report, "--json"]
+    result = mimi("compare", corpus, *args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["against"] == ["opus:6", "opus:12"]
+    rows = summary["summary"]
+    assert [(row["codec"], row["kbps"], row["files"]) for row in rows] == [
+        ("mimi", 0.275, 2), ("opus", 6, 2), ("opus", 12, 2)
+    ]  # fmt: skip
+    for i, row in enumerate(rows):
+        per_file = [f["results"][i] for f in summary["files"]]
+        assert row["stoi"]["mean"] == pytest.approx(np.mean([r["stoi"] for r in per_file]))
+        assert row["stoi"]["std"] == pytest.approx(np.std([r["stoi"] for r in per_file]))
+        assert row["payload_kbps"] == pytest.approx(np.mean([r["payload_kbps"] for r in per_file]), abs=1e-4)
+    (match,) = summary["bitrate_match"]
+    assert match["mimi_kbps"] == rows[0]["payload_kbps"]
+    index = report.read_text()
+    assert "Same input, same metrics, reached bitrates" in index and "application=voip" in index
+    assert "mean ± spread" in index.lower() and "opus" in index
+    pages = sorted((tmp_path / "listen_files").iterdir())
+    assert [p.name for p in pages] == ["001-a.wav.html", "002-b.flac.html"]
+    for page in pages:
+        text = page.read_text()
+        assert text.count("<audio ") == 4 and "opus 12 kbps · reached" in text
 
 
 # ---------------------------------------------------------------------------------------------- extras

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import EXAMPLES
 from signals import speech_like
 from typer.testing import CliRunner
 
 from mimi_cli.compare import Comparison, compare_file, compare_pair
 from mimi_cli.report import files_folder, log_spectrogram, page_name, write_page
+from mimi_cli.rivals import parse_against
 from mimi_cli.weights import load_model
 
 RATE = 24_000
@@ -46,6 +48,22 @@ def clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def comparison(tiny_weights, clip) -> Comparison:
     return compare_file(load_model(tiny_weights, "cpu"), clip, (2, 8))
+
+
+@pytest.fixture(scope="module")
+def against(tiny_weights) -> Comparison:
+    """The shared French recording (3.48 s at 44.1 kHz, stereo) beside four other codec settings."""
+    settings = parse_against("opus:6,opus:12,aac:24,mp3:16")
+    return compare_file(
+        load_model(tiny_weights, "cpu"), EXAMPLES / "speech_fr_44k_stereo.flac", (2,), against=settings
+    )
+
+
+@pytest.fixture(scope="module")
+def against_page(against, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("against") / "against.html"
+    write_page(path, against)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +103,33 @@ def test_page_shows_the_facts(page, comparison):
     for definition in ("Scale-invariant signal-to-distortion", "Multi-scale mel distance", "Extended STOI"):
         assert definition in text
     assert "<script" not in text  # nothing to run: a page of data
+
+
+def test_page_against_other_codecs(against_page, against):
+    text = against_page.read_text()
+    sources = AUDIO_SRC.findall(text)
+    assert len(sources) == 1 + 5  # the original, Mimi at k=2, four other settings
+    images = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', text)
+    assert images[:2] == ["rate–quality curves", "spectrogram, original"]
+    assert "spectrogram, opus 12 kbps · reached " in " ".join(images) and len(images) == 2 + 5 * 2
+    # One table: every setting with codec, nominal and both reached bitrates.
+    for rendition in against.renditions:
+        row = re.search(rf'<td class="name">{re.escape(rendition.label)}</td>(.*?)</tr>', text).group(1)
+        cells = re.findall(r"<td>([^<]*)</td>", row)
+        assert cells[0] == rendition.codec and cells[2] == f"{rendition.kbps:g}"
+        assert cells[3] == f"{rendition.payload_kbps:.4g}" and cells[4] == f"{rendition.file_kbps:.4g}"
+    # The honest sentence, how each codec ran, what delay its stream signalled, the match's label.
+    for fact in (
+        "Same input, same metrics, reached bitrates",
+        "aligned by the delay its own stream signals (never by searching for a lag)",
+        "libopus, application=voip, VBR on, 20 ms frames, bandwidth left to libopus",
+        "312 samples at 48 kHz (6.5 ms)",
+        "1024 samples at 24 kHz (42.7 ms)",
+        "1105 samples at 24 kHz (46.0 ms)",
+        f"measured with weights <code>{against.fingerprint}</code>",
+        "Mimi 0.278 kbps (2 codebooks) ≈ Opus",
+    ):
+        assert fact in text, fact
 
 
 def test_names_are_escaped(comparison, tmp_path):
@@ -189,6 +234,20 @@ def test_page_in_chromium(browser, page, comparison, tmp_path):
     assert "Rate–quality curves" in text and comparison.fingerprint in text
     shot = screenshot(opened, tmp_path / "report.png")
     assert shot.stat().st_size > 50_000
+    opened.page.close()
+
+
+def test_against_page_in_chromium(browser, against_page, against):
+    """Every setting's player loads with the original's duration, the one chart of curves has its size."""
+    opened = Opened(browser, against_page)
+    check(opened, [against.duration] * 6, images=12)
+    curves = opened.page.evaluate(
+        "(() => { const i = document.images[0]; return [i.alt, i.naturalWidth]; })()"
+    )
+    assert curves[0] == "rate–quality curves" and curves[1] > 1000
+    assert "Same input, same metrics, reached bitrates" in opened.page.inner_text("body")
+    shot = screenshot(opened, Path("/tmp/mimi-compare-against.png"))  # kept outside tmp_path: look at it
+    assert shot.stat().st_size > 100_000
     opened.page.close()
 
 

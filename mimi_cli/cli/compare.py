@@ -27,6 +27,7 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..compare import Comparison
+    from ..rivals import Setting
 
 DEFAULT_CODEBOOKS_TEXT = "2,4,8,16,32"
 
@@ -58,6 +59,15 @@ def compare(
             show_default=False,
         ),
     ] = None,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            help="Other codecs beside Mimi, codec:kbps comma-separated (opus, aac, mp3), e.g. "
+            "opus:6,opus:12,aac:24,mp3:16: encoded and decoded in memory, with the bitrates they reach.",
+            show_default=False,
+        ),
+    ] = None,
     report: Annotated[
         str | None,
         typer.Option(
@@ -78,31 +88,36 @@ def compare(
 
     Encodes IN once with the most codebooks asked for and decodes it with the first k for each k.
     With a folder, scores every audio file and gives the mean and spread per k. With two files
-    (REFERENCE DEGRADED), scores DEGRADED against REFERENCE. Metrics: SI-SDR, mel distance,
-    spectral convergence, STOI/ESTOI, PESQ-WB; they need pip install 'mimi-cli\\[report]'.
+    (REFERENCE DEGRADED), scores DEGRADED against REFERENCE. With --against, other codecs get the
+    same input and the same metrics, and each setting shows the bitrate it reached. Metrics: SI-SDR,
+    mel distance, spectral convergence, STOI/ESTOI, PESQ-WB; they need pip install 'mimi-cli\\[report]'.
     """
     with errors_to_exit():
         from ..metrics import require_extras
 
         require_extras(report is not None)
+        rivals = _against(against)  # a bad item is refused before any work
         report_path = _report_path(report, force, folder=Path(input).is_dir() and degraded is None)
         if degraded is not None:
-            if codebooks is not None or weights is not None:
-                raise ValueError("--codebooks and --weights apply to IN alone, not to REFERENCE DEGRADED")
+            if codebooks is not None or weights is not None or against is not None:
+                raise ValueError(
+                    "--codebooks, --weights and --against apply to IN alone, not to REFERENCE DEGRADED"
+                )
             from ..compare import compare_pair
 
             _single(compare_pair(input, degraded), report_path, as_json, quiet)
         elif Path(input).is_dir():
             ks = _codebooks(codebooks)
-            _folder(Path(input), ks, report_path, glob, (weights, device, dtype), as_json, quiet)
+            model_options = (weights, device, dtype)
+            _folder(Path(input), ks, rivals, report_path, glob, model_options, as_json, quiet)
         else:
             from ..compare import check_input, compare_file
 
             ks = _codebooks(codebooks)
             check_input(input)  # a bad input fails before the weights are loaded
             model = load_weights(weights, device, dtype, quiet)
-            with _steps(not quiet and not as_json, "decoding", len(ks)) as progress:
-                comparison = compare_file(model, input, ks, progress)
+            with _steps(not quiet and not as_json, "decoding", len(ks) + len(rivals)) as progress:
+                comparison = compare_file(model, input, ks, progress, rivals)
             _single(comparison, report_path, as_json, quiet)
 
 
@@ -110,6 +125,14 @@ def _codebooks(text: str | None) -> tuple[int, ...]:
     from ..compare import parse_codebooks
 
     return parse_codebooks(text or DEFAULT_CODEBOOKS_TEXT, MAX_CODEBOOKS)
+
+
+def _against(text: str | None) -> tuple[Setting, ...]:
+    if text is None:
+        return ()
+    from ..rivals import parse_against
+
+    return parse_against(text)
 
 
 def _report_path(report: str | None, force: bool, folder: bool) -> Path | None:
@@ -145,9 +168,10 @@ def _single(comparison: Comparison, report: Path | None, as_json: bool, quiet: b
     if comparison.fingerprint:
         info += f", weights {comparison.fingerprint}"
     rows = [(r.label, r.as_dict()) for r in comparison.renditions]
-    first = None if comparison.fingerprint else "degraded"  # decodes are told apart by k alone
+    first = None if comparison.fingerprint else "degraded"  # decodes are told apart by codec and k
     table = _metrics_table(Text(f"{comparison.name} ({info})"), rows, first)
     common.stdout.print(table)
+    _matches(comparison.matches(), comparison.fingerprint)
     _notes(comparison.notes)
     if report is not None and not quiet:
         common.stderr.print(f"report: {report}", markup=False, soft_wrap=True)
@@ -156,6 +180,7 @@ def _single(comparison: Comparison, report: Path | None, as_json: bool, quiet: b
 def _folder(
     in_dir: Path,
     ks: tuple[int, ...],
+    rivals: tuple[Setting, ...],
     report: Path | None,
     glob: str | None,
     model_options: tuple[str | None, str, str],
@@ -165,7 +190,7 @@ def _folder(
     """Score every audio file of `in_dir`; exit 1 when some failed."""
     from urllib.parse import quote
 
-    from ..compare import compare_folder, discover, summarize
+    from ..compare import codec_settings, compare_folder, discover, matches, summarize
     from ..report import files_folder, page_name, write_index, write_page
 
     pages = files_folder(report) if report else None
@@ -176,7 +201,7 @@ def _folder(
     done: list[dict[str, Any]] = []
     failures: list[tuple[str, str]] = []
     with _steps(not quiet and not as_json, "files", len(files)) as progress:
-        for number, item in enumerate(compare_folder(model, files, ks), start=1):
+        for number, item in enumerate(compare_folder(model, files, ks, rivals), start=1):
             if item.comparison is None:
                 failures.append((item.relative, item.error or ""))
             else:
@@ -190,8 +215,12 @@ def _folder(
                 progress(number, len(files))
     summary = summarize([result for entry in done for result in entry["results"]])
     fingerprint = model.fingerprint.hex()
+    found = matches(summary)
+    codecs = {name: codec_settings(name) for name in dict.fromkeys(row["codec"] for row in summary)}
     if report:
-        write_index(report, in_dir.name or str(in_dir), done, summary, failures, fingerprint, model.source)
+        write_index(
+            report, in_dir.name or str(in_dir), done, summary, failures, fingerprint, model.source, found
+        )
     if as_json:
         _print_json(
             {
@@ -199,14 +228,18 @@ def _folder(
                 "weights": model.source,
                 "fingerprint": fingerprint,
                 "codebooks": list(ks),
+                "against": [f"{s.codec}:{s.kbps:g}" for s in rivals],
+                "codecs": codecs,
                 "files": done,
                 "summary": summary,
+                "bitrate_match": [m.as_dict() for m in found],
                 "failures": [{"path": path, "error": error} for path, error in failures],
                 "report": str(report) if report else None,
             }
         )
     else:
         _folder_tables(in_dir, done, summary, fingerprint)
+        _matches(found, fingerprint)
         if report is not None and not quiet:
             common.stderr.print(f"report: {report}", markup=False, soft_wrap=True)
     for path, error in failures:  # the library's errors mostly name the file already
@@ -230,32 +263,67 @@ def _folder_tables(
     title = Text(f"{in_dir} ({len(done)} files, weights {fingerprint})")
     common.stdout.print(_metrics_table(title, rows, "file"))
     table = Table(title="mean ± standard deviation over files")
-    for column in ("k", "kbps", "files", *(m.heading(short=True) for m in METRICS)):
-        table.add_column(column, justify="right")
+    settings = _setting_columns(summary)
+    for column in (*settings, "files", *(m.heading(short=True) for m in METRICS)):
+        table.add_column(column, justify="left" if column == "codec" else "right")
     for row in summary:
         cells = [spread_text(row[m.key], m.key) for m in METRICS]
-        table.add_row(str(row["codebooks"]), f"{row['kbps']:g}", str(row["files"]), *cells)
+        table.add_row(*_setting_cells(row, settings), str(row["files"]), *cells)
     common.stdout.print(table)
 
 
+def _setting_columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """codec, k, nominal kbps and the reached ones where the rows come from codecs; k and kbps for a
+    pair of files (no codec ran)."""
+    return ("codec", "k", "kbps", "reached kbps") if any(r.get("codec") for r in rows) else ("k", "kbps")
+
+
+def _setting_cells(result: dict[str, Any], columns: tuple[str, ...]) -> list[str]:
+    """The cells of `_setting_columns`; reached kbps as "payload / file"; "—" where none applies."""
+
+    def text(value: Any) -> str:
+        return "—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    cells = {"codec": text(result.get("codec")), "k": text(result["codebooks"]), "kbps": text(result["kbps"])}
+    payload, file = result.get("payload_kbps"), result.get("file_kbps")
+    cells["reached kbps"] = "—" if payload is None else f"{payload:.3g} / {file:.3g}"
+    return [cells[column] for column in columns]
+
+
 def _metrics_table(title: Any, rows: list[tuple[str, dict[str, Any]]], first: str | None = None) -> Any:
-    """One row per result dict: k, kbps and every metric, after a `first` column of labels if named."""
+    """One row per result dict: the setting (codec, k, nominal and reached kbps) and every metric,
+    after a `first` column of labels if named."""
     from rich.table import Table
     from rich.text import Text
 
     from ..metrics import METRICS, format_value
 
-    table = Table(title=title)
+    settings = _setting_columns([result for _, result in rows])
+    caption = "reached kbps: payload / file, over the input's duration" if "codec" in settings else None
+    table = Table(title=title, caption=caption)
     if first is not None:
         table.add_column(first)
-    for column in ("k", "kbps", *(m.heading(short=True) for m in METRICS)):
-        table.add_column(column, justify="right")
+    for column in (*settings, *(m.heading(short=True) for m in METRICS)):
+        table.add_column(column, justify="left" if column == "codec" else "right")
     for label, result in rows:
-        k, kbps = result["codebooks"], result["kbps"]
         cells = [format_value(result[m.key], m.key) for m in METRICS]
         labels = [Text(label)] if first is not None else []
-        table.add_row(*labels, "—" if k is None else str(k), "—" if kbps is None else f"{kbps:g}", *cells)
+        table.add_row(*labels, *_setting_cells(result, settings), *cells)
     return table
+
+
+def _matches(found: list[Any], fingerprint: str | None) -> None:
+    """The bitrate match lines, labelled as measured with the weights in use."""
+    if not found:
+        return
+    common.stdout.print(
+        f"bitrate match on STOI and mel distance, measured with weights {fingerprint} "
+        "(Opus interpolated on its measured curve, payload kbps):",
+        markup=False,
+        soft_wrap=True,
+    )
+    for match in found:
+        common.stdout.print(f"  {match.text()}", markup=False, soft_wrap=True)
 
 
 def _notes(notes: Any) -> None:
