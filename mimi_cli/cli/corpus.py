@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -30,6 +29,16 @@ from .common import (
 )
 
 DEFAULT_SHARD_SIZE = 1000  # pipeline.DEFAULT_SHARD_SIZE (not imported: `mimi --help` stays light)
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage-options",
+        help="JSON: arguments of the file systems of URLs (s3fs, gcsfs, HfFileSystem), or per scheme "
+        '{"s3": {...}}; credentials come from the usual places (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, '
+        "HF_TOKEN).",
+        show_default=False,
+    ),
+]
 READERS = {"auto": None, "threads": False, "processes": True}  # --readers → TokenizeOptions.reader_processes
 
 
@@ -39,11 +48,15 @@ def tokenize(
         str,
         typer.Argument(
             metavar="SRC",
-            help="Audio folder, .txt/.jsonl list of paths, or Parquet file/folder.",
+            help="Audio folder, .txt/.jsonl list of paths, or Parquet file/folder; a path or a URL "
+            "(s3://, gs://, hf://datasets/…).",
             show_default=False,
         ),
     ],
-    out_dir: Annotated[str, typer.Argument(metavar="OUT_DIR", help="Dataset folder.", show_default=False)],
+    out_dir: Annotated[
+        str,
+        typer.Argument(metavar="OUT_DIR", help="Dataset folder: a path, s3:// or gs://.", show_default=False),
+    ],
     codebooks: CodebooksOpt = None,
     bitrate: BitrateOpt = None,
     engine: Annotated[
@@ -86,6 +99,7 @@ def tokenize(
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Redo every shard, complete ones too.")
     ] = False,
+    storage_options: StorageOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -105,19 +119,31 @@ def tokenize(
             raise ValueError(f"--readers must be auto, threads or processes, got {readers!r}")
         opts = TokenizeOptions(
             k, engine, address, shard_size, audio_column, weights, device, dtype, size, jobs,
-            READERS[readers], actors, force,
+            READERS[readers], actors, force, parse_storage_options(storage_options),
         )  # fmt: skip
         if jobs is not None and jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {jobs}")
         with _shard_progress(not quiet and not as_json) as progress:
-            summary = run(Path(src), Path(out_dir), opts, progress)
+            summary = run(src, out_dir, opts, progress)
         failures = [(f["id"], f["error"]) for f in summary.failures]
-        _report(summary, Path(out_dir), quiet, as_json, failures)
+        _report(summary, out_dir, quiet, as_json, failures)
         if failures:
             raise typer.Exit(1)
 
 
-def _report(summary: Any, out_dir: Path, quiet: bool, as_json: bool, failures: list[tuple[str, str]]) -> None:
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--storage-options must be a JSON object ({e.msg})") from None
+    if not isinstance(options, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return options
+
+
+def _report(summary: Any, out_dir: str, quiet: bool, as_json: bool, failures: list[tuple[str, str]]) -> None:
     fields = {
         "inputs": summary.inputs,
         "rows": summary.rows,
@@ -126,7 +152,7 @@ def _report(summary: Any, out_dir: Path, quiet: bool, as_json: bool, failures: l
         "shards_written": summary.shards_written,
         "shards_kept": summary.shards_kept,
         "seconds": round(summary.seconds, 2),
-        "dataset": str(out_dir / "dataset.json"),
+        "dataset": out_dir.rstrip("/") + "/dataset.json",
         "failures": [{"id": name, "error": reason} for name, reason in failures],
     }
     if as_json:
@@ -164,10 +190,12 @@ def _shard_progress(enabled: bool) -> Iterator[Any]:
 @app.command()
 def detokenize(
     dataset: Annotated[
-        str, typer.Argument(metavar="OUT_DIR", help="A `mimi tokenize` dataset.", show_default=False)
+        str,
+        typer.Argument(metavar="OUT_DIR", help="A tokenize dataset (path or URL).", show_default=False),
     ],
     audio_dir: Annotated[
-        str, typer.Argument(metavar="AUDIO_DIR", help="Folder for the audio.", show_default=False)
+        str,
+        typer.Argument(metavar="AUDIO_DIR", help="Audio folder (path or URL).", show_default=False),
     ],
     sample_rate: SampleRateOpt = "24000",
     audio_format: Annotated[str | None, typer.Option("--format", help="wav (default), flac or ogg.")] = None,
@@ -177,6 +205,7 @@ def detokenize(
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Overwrite existing files; decode even with other weights.")
     ] = False,
+    storage_options: StorageOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -186,13 +215,17 @@ def detokenize(
     """
     with errors_to_exit():
         from ..batch import decoded_suffix
+        from ..corpus import storage
         from ..corpus.detokenize import check_dataset, detokenize_dataset
 
         rate = parse_sample_rate_option(sample_rate)
         suffix = decoded_suffix(audio_format)
-        description = check_dataset(Path(dataset))
+        storage.use_options(parse_storage_options(storage_options))
+        folder, target = storage.Folder(dataset), storage.Folder(audio_dir)
+        description = check_dataset(folder)
+        target.check()
         model = load_weights(weights, device, dtype, quiet)
-        report = detokenize_dataset(model, Path(dataset), description, Path(audio_dir), rate, suffix, force)
+        report = detokenize_dataset(model, folder, description, target, rate, suffix, force)
         failures = [(f.id, f.error) for f in report.failures]
         if as_json:
             fields = {"written": report.written, "skipped": report.skipped, "failed": len(failures)}

@@ -18,8 +18,10 @@ from ..codec import finish_audio, output_rate
 from ..config import CODEBOOK_SIZE
 from ..container import Header
 from ..errors import FormatError, MimiError, WeightsError, one_line
+from . import storage
 from .encoding import Failed
 from .shards import DATASET, SHARD_NAME
+from .storage import Folder, StorageUnavailable
 
 if TYPE_CHECKING:
     from ..model import MimiModel
@@ -32,17 +34,15 @@ class DetokenizeReport:
     failures: list[Failed] = field(default_factory=list)
 
 
-def check_dataset(folder: Path) -> dict[str, Any]:
-    """dataset.json of a dataset folder (read before any weights are loaded)."""
-    path = folder / DATASET
-    if not folder.is_dir():
+def check_dataset(folder: Folder) -> dict[str, Any]:
+    """dataset.json of a dataset folder or prefix (read before any weights are loaded)."""
+    if not folder.exists():
         raise MimiError(f"{folder}: not a folder")
+    if not folder.has(DATASET):
+        raise MimiError(f"{folder}: no {DATASET} (not a `mimi tokenize` dataset, or an unfinished one)")
+    path = folder.child(DATASET)
     try:
-        description = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MimiError(
-            f"{folder}: no {DATASET} (not a `mimi tokenize` dataset, or an unfinished one)"
-        ) from None
+        description = json.loads(folder.read(DATASET).decode("utf-8"))
     except (OSError, ValueError) as e:
         raise MimiError(f"{path}: unreadable ({one_line(e)})") from None
     if not isinstance(description, dict) or description.get("format") != "mimi-tokens":
@@ -64,14 +64,15 @@ def output_name(id: str, suffix: str) -> PurePosixPath:
 
 def detokenize_dataset(
     model: MimiModel,
-    folder: Path,
+    folder: Folder,
     description: dict[str, Any],
-    audio_dir: Path,
+    audio_dir: Folder,
     sample_rate: int | str | None,
     suffix: str,
     force: bool = False,
 ) -> DetokenizeReport:
-    """Decode every row of every shard under `folder` into `audio_dir`; a bad row fails alone."""
+    """Decode every row of every shard of `folder` into `audio_dir` (either may be in a bucket); a bad
+    row fails alone."""
     import pyarrow.parquet as pq
     import torch
 
@@ -82,20 +83,23 @@ def detokenize_dataset(
             f"{model.fingerprint.hex()} from {model.source}); pass the same --weights, or --force"
         )
     report = DetokenizeReport()
-    top = audio_dir.resolve()
-    audio_dir.mkdir(parents=True, exist_ok=True)
-    shards = sorted(p for p in folder.iterdir() if SHARD_NAME.fullmatch(p.name))
+    audio_dir.mkdir()
+    existing = set(_all_names(audio_dir)) if audio_dir.remote and not force else set()
+    shards = [name for name in folder.names() if SHARD_NAME.fullmatch(name)]
     columns = ["id", "codes", "sample_rate", "num_samples", "channels"]
     for shard in shards:
         try:
-            rows = pq.read_table(shard, columns=columns).to_pylist()
+            with folder.open(shard) as handle:
+                rows = pq.read_table(handle, columns=columns).to_pylist()
+        except MimiError:
+            raise
         except Exception as e:  # pyarrow raises its own types; the shard is named in one line
-            raise FormatError(f"{shard}: not a readable shard ({one_line(e)})") from None
+            raise FormatError(f"{folder.child(shard)}: not a readable shard ({one_line(e)})") from None
         for row in rows:
             name = str(row["id"])
             try:
-                target = _target(top, name, suffix)
-                if target.exists() and not force:
+                target = _target(audio_dir, name, suffix)
+                if (target in existing if audio_dir.remote else Path(target).exists()) and not force:
                     report.skipped += 1
                     continue
                 codes = torch.tensor(row["codes"], dtype=torch.long)
@@ -111,16 +115,37 @@ def detokenize_dataset(
                 )
                 rate = output_rate(sample_rate, header)
                 audio = model.decode(codes[None]).float().cpu().numpy()[0, 0]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_audio(target, finish_audio(audio, header, rate), rate)
+                _write(audio_dir, target, finish_audio(audio, header, rate), rate, suffix)
                 report.written += 1
+            except StorageUnavailable:
+                raise
             except (MimiError, ValueError, OSError) as e:
                 report.failures.append(Failed(name, one_line(e)))
     return report
 
 
-def _target(top: Path, id: str, suffix: str) -> Path:
-    target = top / output_name(id, suffix)
-    if not Path(os.path.realpath(target)).is_relative_to(top):
+def _target(top: Folder, id: str, suffix: str) -> str:
+    """Where the row `id` goes: a path below a local AUDIO_DIR (symlinks leading out refused), or the
+    name below a prefix of a bucket (where `output_name` has refused every way out)."""
+    name = output_name(id, suffix).as_posix()
+    if top.remote:
+        return name
+    root = Path(top.where).resolve()
+    target = root / name
+    if not Path(os.path.realpath(target)).is_relative_to(root):
         raise MimiError(f"{id!r}: refused as a file name (leads outside the audio folder)")
-    return target
+    return str(target)
+
+
+def _write(top: Folder, target: str, audio: Any, rate: int, suffix: str) -> None:
+    if not top.remote:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        write_audio(target, audio, rate)
+        return
+    with top.writer(target) as out:  # encoded in a local file, then put whole
+        write_audio(out, audio, rate, format=suffix.lstrip("."))
+
+
+def _all_names(folder: Folder) -> list[str]:
+    """Every object below a prefix, relative to it (one listing)."""
+    return [r for url in storage.find(folder.where) if (r := storage.relative_to(url, folder.where))]

@@ -16,6 +16,7 @@ from ..codec import CHUNK_SECONDS, whole_frames
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..errors import MimiError, one_line
 from .sources import CellReader, Input, read_input
+from .storage import StorageUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -55,11 +56,14 @@ class Failed:
 
 
 def read_unit(unit: list[Input], cells: CellReader) -> list[Audio | Failed]:
-    """Read every input of a unit; one that cannot be read becomes a `Failed` with a one-line reason."""
+    """Read every input of a unit; one that cannot be read becomes a `Failed` with a one-line reason
+    (storage that stays unavailable through every retry raises instead)."""
     out: list[Audio | Failed] = []
     for item in unit:
         try:
             audio, info = read_input(item, cells)
+        except StorageUnavailable:
+            raise  # not the input's fault: the run stops, its shard is not written, a rerun redoes it
         except (MimiError, ValueError, OSError) as e:
             out.append(Failed(item.id, _named(item.id, one_line(e))))
             continue

@@ -16,7 +16,6 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from .encoding import Audio, Encoded, Failed, Launched, encode_unit, finish_unit
 from .readers import Pending, reading_pool
 from .shards import Shard, write_shard
 from .sources import CellReader, Input
+from .storage import Folder, worker_environment
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -43,7 +43,7 @@ class Assembler:
 
     def __init__(
         self,
-        out_dir: Path,
+        out_dir: Folder,
         shards: list[Shard],
         batch_size: int,
         carried: Callable[[Shard], pa.Table | None],
@@ -154,6 +154,8 @@ def run_ray(
             include_dashboard=False if address is None else None,
             logging_level=logging.ERROR,
             log_to_driver=False,
+            # what the workers need to reach the storage: the job's environment, never a task's argument
+            runtime_env={"env_vars": worker_environment()},
         )
     try:
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # configured by Ray Data on import

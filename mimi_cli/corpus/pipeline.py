@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import MimiError
+from . import storage
 from .engines import Assembler, Progress, import_ray, run_local, run_ray
 from .shards import DatasetSummary, Shard, completed, finish_dataset, plan_shards, remove_leftovers
 from .sources import open_source
 
 ENGINES = ("local", "ray")
 DEFAULT_SHARD_SIZE = 1000
+LOCK = ".mimi-lock"  # in an OUT_DIR in a bucket while a run writes it
 
 
 @dataclass(frozen=True)
@@ -31,14 +39,18 @@ class TokenizeOptions:
     reader_processes: bool | None = None  # local engine; None: processes when the model is on CUDA
     actors: int | None = None
     force: bool = False
+    storage_options: dict[str, Any] | None = None  # file system arguments for URLs (see `storage`)
 
 
 def tokenize(
-    src: Path, out_dir: Path, opts: TokenizeOptions, progress: Progress | None = None
+    src: str | Path, out_dir: str | Path, opts: TokenizeOptions, progress: Progress | None = None
 ) -> DatasetSummary:
-    """Tokenise SRC into Parquet shards under `out_dir`; complete shards of an earlier run are kept.
+    """Tokenise SRC into Parquet shards under `out_dir` (each a path or a URL); complete shards of an
+    earlier run are kept.
 
     Returns the totals; inputs that failed are in `summary.failures` (and OUT_DIR/failures.jsonl).
+    Everything that can be checked without the weights is checked first: options, SRC (listed), and
+    OUT_DIR (locked, in a bucket).
     """
     started = time.perf_counter()
     if opts.engine not in ENGINES:
@@ -51,47 +63,51 @@ def tokenize(
         raise ValueError(f"--actors must be at least 1, got {opts.actors}")
     if opts.address is not None and opts.engine != "ray":
         raise ValueError("--address needs --engine ray")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MimiError(f"{out_dir}: exists and is not a folder")
-    if src.resolve() == out_dir.resolve():
-        raise MimiError(f"{out_dir}: the output folder must differ from SRC")
+    storage.use_options(opts.storage_options)
+    src, folder = storage.normalize(src), storage.Folder(out_dir)
+    folder.check()
+    if _same(src, folder.where):
+        raise MimiError(f"{folder}: the output folder must differ from SRC")
     if opts.engine == "ray":
         import_ray()  # fails in one line, before any work, when Ray is not installed
-    source = open_source(src, opts.audio_column, out_dir)
-    model = _load(opts)
-    shards = plan_shards(source.inputs, opts.shard_size, opts.codebooks, model.fingerprint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out_dir, shards)
-    metas: dict[int, dict[str, Any]] = {}
-    if not opts.force:
-        for shard in shards:
-            meta = completed(out_dir, shard)
-            if meta is not None:
-                metas[shard.index] = meta
-    todo = [s for s in shards if s.index not in metas]
+    source = open_source(src, opts.audio_column, folder.where)
+    with _locked(folder):
+        model = _load(opts)
+        shards = plan_shards(source.inputs, opts.shard_size, opts.codebooks, model.fingerprint)
+        folder.mkdir()
+        names = folder.names()
+        remove_leftovers(folder, shards, names)
+        metas: dict[int, dict[str, Any]] = {}
+        if not opts.force:
+            present = set(names)
+            for shard in shards:
+                meta = completed(folder, shard, present)
+                if meta is not None:
+                    metas[shard.index] = meta
+        todo = [s for s in shards if s.index not in metas]
 
-    def carried(shard: Shard) -> Any:
-        if source.carried is None:
-            return None
-        return source.carried.slice(shard.index * opts.shard_size, len(shard.inputs))
+        def carried(shard: Shard) -> Any:
+            if source.carried is None:
+                return None
+            return source.carried.slice(shard.index * opts.shard_size, len(shard.inputs))
 
-    assembler = Assembler(out_dir, todo, opts.batch_size, carried, progress)
-    if todo and opts.engine == "local":
-        from ..device import default_workers
+        assembler = Assembler(folder, todo, opts.batch_size, carried, progress)
+        if todo and opts.engine == "local":
+            from ..device import default_workers
 
-        processes = opts.reader_processes
-        if processes is None:  # beside a GPU the model's thread needs the interpreter lock (`readers`)
-            processes = model.device.type == "cuda"
-        workers = opts.workers or default_workers(model.device, processes)
-        run_local(model, opts.codebooks, todo, assembler, opts.audio_column, workers, processes)
-    elif todo:
-        load = {"source": opts.weights or str(model.source), "device": opts.device, "dtype": opts.dtype}
-        run_ray(opts.address, load, opts.codebooks, todo, assembler, opts.audio_column, opts.actors)
-    assembler.check_done()
-    metas.update(assembler.metas)
-    failures, description = finish_dataset(
-        out_dir, shards, metas, opts.codebooks, model.fingerprint, source.kind
-    )
+            processes = opts.reader_processes
+            if processes is None:  # beside a GPU the model's thread needs the interpreter lock (`readers`)
+                processes = model.device.type == "cuda"
+            workers = opts.workers or default_workers(model.device, processes)
+            run_local(model, opts.codebooks, todo, assembler, opts.audio_column, workers, processes)
+        elif todo:
+            load = {"source": opts.weights or str(model.source), "device": opts.device, "dtype": opts.dtype}
+            run_ray(opts.address, load, opts.codebooks, todo, assembler, opts.audio_column, opts.actors)
+        assembler.check_done()
+        metas.update(assembler.metas)
+        failures, description = finish_dataset(
+            folder, shards, metas, opts.codebooks, model.fingerprint, source.kind
+        )
     return DatasetSummary(
         rows=description["rows"],
         inputs=description["inputs"],
@@ -101,6 +117,33 @@ def tokenize(
         shards_kept=len(shards) - len(todo),
         seconds=time.perf_counter() - started,
     )
+
+
+def _same(src: str, out: str) -> bool:
+    if storage.is_url(src) or storage.is_url(out):
+        return src.rstrip("/") == out.rstrip("/")
+    return Path(src).resolve() == Path(out).resolve()
+
+
+@contextmanager
+def _locked(folder: storage.Folder) -> Iterator[None]:
+    """OUT_DIR in a bucket is held by one run at a time: a lock object made by a conditional PUT
+    (If-None-Match: *), removed at the end. A second run is refused in one line. A local OUT_DIR needs
+    none: two runs there write the same bytes, each file renamed into place."""
+    if not folder.remote:
+        yield
+        return
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    claim = json.dumps({**owner, "run": secrets.token_hex(8)}).encode()
+    if not folder.create(LOCK, claim):
+        raise MimiError(
+            f"{folder.child(LOCK)}: another run is writing this dataset; if none is (a killed run), "
+            "remove this object and run again"
+        )
+    try:
+        yield
+    finally:
+        folder.remove(LOCK)
 
 
 def _load(opts: TokenizeOptions) -> Any:

@@ -19,16 +19,16 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import __version__
 from ..config import FRAME_SIZE, SAMPLE_RATE
-from ..fsutil import atomic_output
+from ..errors import MimiError
 from .encoding import Encoded, Failed
 from .sources import Input
+from .storage import Folder
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -88,7 +88,7 @@ def carried_names(carried: pa.Table | None) -> list[str]:
 
 
 def write_shard(
-    out_dir: Path, shard: Shard, results: list[Encoded | Failed], carried: pa.Table | None
+    out_dir: Folder, shard: Shard, results: list[Encoded | Failed], carried: pa.Table | None
 ) -> dict[str, Any]:
     """Write one shard file atomically from its inputs' results (in input order); return its metadata.
 
@@ -122,8 +122,7 @@ def write_shard(
         for name, column in zip(carried_names(carried), taken.columns, strict=True):
             columns[name] = column
     table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out_dir / shard.name) as out:
+    with out_dir.writer(shard.name) as out:  # renamed into place here, put whole into a bucket
         pq.write_table(table, out, compression="zstd")
     return meta
 
@@ -144,34 +143,40 @@ def _codes_array(rows: list[Encoded]) -> pa.Array:
 # ---------------------------------------------------------------------------------------------- resume
 
 
-def completed(out_dir: Path, shard: Shard) -> dict[str, Any] | None:
-    """The metadata of a complete, current shard file; None when it must be (re)written."""
+def completed(out_dir: Folder, shard: Shard, present: set[str] | None = None) -> dict[str, Any] | None:
+    """The metadata of a complete, current shard file; None when it must be (re)written.
+
+    `present`: the names in OUT_DIR (one listing), to skip absent shards without asking for each.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = out_dir / shard.name
+    if present is not None and shard.name not in present:
+        return None
     try:
-        metadata = pq.read_metadata(path)
+        with out_dir.open(shard.name) as handle:
+            metadata = pq.read_metadata(handle)
         meta = json.loads((metadata.metadata or {}).get(META_KEY, b"{}"))
-    except (OSError, ValueError, pa.ArrowException):
+    except (OSError, ValueError, MimiError, pa.ArrowException):
         return None
     if meta.get("key") != shard.key or meta.get("rows") != metadata.num_rows:
         return None
     return meta
 
 
-def remove_leftovers(out_dir: Path, shards: list[Shard]) -> list[str]:
-    """Remove the temporary files of killed runs and part files the plan no longer has; their names."""
-    if not out_dir.is_dir():
-        return []
+def remove_leftovers(out_dir: Folder, shards: list[Shard], names: list[str]) -> list[str]:
+    """Remove the temporary files of killed runs and part files the plan no longer has; their names.
+
+    `names`: the files in OUT_DIR.
+    """
     wanted = {s.name for s in shards}
     removed = []
-    for path in sorted(out_dir.iterdir()):
-        temporary = path.name.startswith(".part-") and path.name.endswith(".tmp")
-        stale = SHARD_NAME.fullmatch(path.name) and path.name not in wanted
-        if (temporary or stale) and path.is_file():
-            path.unlink()
-            removed.append(path.name)
+    for name in names:
+        temporary = name.startswith(".part-") and name.endswith(".tmp")
+        stale = SHARD_NAME.fullmatch(name) and name not in wanted
+        if temporary or stale:
+            out_dir.remove(name)
+            removed.append(name)
     return removed
 
 
@@ -190,7 +195,7 @@ class DatasetSummary:
 
 
 def finish_dataset(
-    out_dir: Path,
+    out_dir: Folder,
     shards: list[Shard],
     metas: dict[int, dict[str, Any]],
     codebooks: int,
@@ -199,8 +204,7 @@ def finish_dataset(
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Write failures.jsonl and dataset.json (atomically) from every shard's metadata."""
     failures = [f for s in shards for f in metas[s.index]["failures"]]
-    with atomic_output(out_dir / FAILURES) as out:
-        out.write("".join(json.dumps(f) + "\n" for f in failures).encode())
+    out_dir.write(FAILURES, "".join(json.dumps(f) + "\n" for f in failures).encode())
     rows = sum(metas[s.index]["rows"] for s in shards)
     seconds = sum(metas[s.index]["audio_seconds"] for s in shards)
     description = {
@@ -218,6 +222,5 @@ def finish_dataset(
         "audio_hours": round(seconds / 3600, 6),
         "shards": [{"file": s.name, "rows": metas[s.index]["rows"]} for s in shards],
     }
-    with atomic_output(out_dir / DATASET) as out:
-        out.write((json.dumps(description, indent=2) + "\n").encode())
+    out_dir.write(DATASET, (json.dumps(description, indent=2) + "\n").encode())
     return failures, description

@@ -20,6 +20,7 @@ import os
 import posixpath
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..audio import AudioInfo, read_audio
 from ..errors import MimiError
+from . import storage
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -59,23 +61,31 @@ class Source:
     carried: pa.Table | None = None
 
 
-def open_source(src: Path, audio_column: str = "audio", out_dir: Path | None = None) -> Source:
-    """Resolve SRC into its inputs (sorted) and carried columns; errors name SRC and the problem."""
-    if not src.exists():
+def open_source(src: str, audio_column: str = "audio", out_dir: str | None = None) -> Source:
+    """Resolve SRC (a path or a URL) into its inputs (sorted) and carried columns; errors name SRC and
+    the problem. `out_dir` is never read as input, even inside SRC."""
+    src = storage.normalize(src)
+    kind = storage.kind(src)
+    if kind == "missing":
         raise MimiError(f"{src}: no such file or folder")
-    if src.is_dir():
-        skip = (out_dir or src / ".none").resolve()
+    if kind == "dir":
+        if storage.is_url(src):
+            return _remote_folder(src, audio_column, out_dir)
+        root = Path(src)
+        skip = Path(out_dir if out_dir and not storage.is_url(out_dir) else root / ".none").resolve()
         tables = sorted(
             p
-            for p in src.rglob(f"*{PARQUET_SUFFIX}")
-            if not _hidden(p.relative_to(src)) and not p.resolve().is_relative_to(skip)
+            for p in root.rglob(f"*{PARQUET_SUFFIX}")
+            if not _hidden(p.relative_to(root)) and not p.resolve().is_relative_to(skip)
         )
         if tables:
-            return _table_source(src, tables, audio_column)
-        return _folder_source(src, out_dir or src / ".none")
-    if src.suffix.lower() == PARQUET_SUFFIX:
-        return _table_source(src.parent, [src], audio_column)
-    if src.suffix.lower() in LIST_SUFFIXES:
+            return _table_source(src, [(str(p), _signature(p)) for p in tables], audio_column)
+        return _folder_source(root, skip)
+    suffix = posixpath.splitext(storage.basename(src))[1].lower()
+    if suffix == PARQUET_SUFFIX:
+        signature = storage.stat(src) if storage.is_url(src) else _signature(src)
+        return _table_source(storage.parent(src), [(src, signature)], audio_column)
+    if suffix in LIST_SUFFIXES:
         return _list_source(src)
     raise MimiError(f"{src}: not a folder, a list (.txt, .jsonl) or a Parquet file")
 
@@ -92,6 +102,10 @@ def _signature(path: str | Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _any_signature(where: str) -> str:
+    return storage.stat(where) if storage.is_url(where) else _signature(where)
+
+
 def _folder_source(src: Path, out_dir: Path) -> Source:
     from ..batch import plan
 
@@ -102,43 +116,76 @@ def _folder_source(src: Path, out_dir: Path) -> Source:
     return Source("folder", inputs)
 
 
-def _list_source(src: Path) -> Source:
+def _remote_folder(src: str, audio_column: str, out_dir: str | None) -> Source:
+    """A prefix of a bucket, listed once: its Parquet tables if it holds any, else its audio objects."""
+    from ..batch import AUDIO_SUFFIXES
+
+    found: dict[str, tuple[str, str]] = {}  # relative name -> (URL, signature)
+    for url, info in storage.find(src).items():
+        relative = storage.relative_to(url, src)
+        if relative is None or _hidden(Path(relative)):
+            continue
+        if out_dir and storage.is_url(out_dir) and storage.relative_to(url, out_dir) is not None:
+            continue
+        found[relative] = (url, storage.signature(info))
+    tables = [found[r] for r in sorted(found) if r.lower().endswith(PARQUET_SUFFIX)]
+    if tables:
+        return _table_source(src, tables, audio_column)
+    inputs = [
+        Input(r, url, NO_ROW, signature)
+        for r, (url, signature) in sorted(found.items())
+        if posixpath.splitext(r)[1].lower() in AUDIO_SUFFIXES
+    ]
+    if not inputs:
+        raise MimiError(f"{src}: holds no audio files")
+    return Source("folder", inputs)
+
+
+def _list_source(src: str) -> Source:
     try:
-        lines = src.read_text(encoding="utf-8").splitlines()
+        lines = storage.read_text(src).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise MimiError(f"{src}: cannot read the list ({e})") from e
+    folder = storage.parent(src)
     seen: dict[str, int] = {}
-    inputs = []
+    entries: list[tuple[str, str]] = []  # (id, path or URL)
     for number, line in enumerate(lines, 1):
         entry = _list_entry(src, number, line)
         if entry is None:
             continue
-        name = _list_id(src.parent, posixpath.normpath(entry.replace(os.sep, "/")))
+        if storage.is_url(entry) or entry.startswith("file://"):
+            path = storage.normalize(entry)
+            name = storage.relative_to(path, folder) or path
+        else:
+            name = _list_id(folder, posixpath.normpath(entry.replace(os.sep, "/")))
+            path = name if Path(name).is_absolute() else storage.join(folder, name)
         if name in seen:
             raise MimiError(f"{src}:{number}: {entry!r} is listed twice (first on line {seen[name]})")
         seen[name] = number
-        path = Path(name) if Path(name).is_absolute() else src.parent / name
-        inputs.append(Input(name, str(path), NO_ROW, _signature(path)))
-    if not inputs:
+        entries.append((name, path))
+    if not entries:
         raise MimiError(f"{src}: the list holds no paths")
+    with ThreadPoolExecutor(16) as pool:  # one HEAD per object in a bucket: many at a time
+        signatures = list(pool.map(lambda e: _any_signature(e[1]), entries))
+    inputs = [Input(name, path, NO_ROW, sig) for (name, path), sig in zip(entries, signatures, strict=True)]
     return Source("list", sorted(inputs, key=lambda i: i.id))
 
 
-def _list_id(folder: Path, name: str) -> str:
+def _list_id(folder: str, name: str) -> str:
     """A list entry's id: relative to the list's folder when it lies inside it, else as written."""
-    if Path(name).is_absolute():
+    if Path(name).is_absolute() and not storage.is_url(folder):
         try:
-            return Path(name).relative_to(folder.absolute()).as_posix()
+            return Path(name).relative_to(Path(folder).absolute()).as_posix()
         except ValueError:
             return name
     return name
 
 
-def _list_entry(src: Path, number: int, line: str) -> str | None:
+def _list_entry(src: str, number: int, line: str) -> str | None:
     text = line.strip()
     if not text or text.startswith("#"):
         return None
-    if src.suffix.lower() != ".jsonl":
+    if not src.lower().endswith(".jsonl"):
         return text
     try:
         record = json.loads(text)
@@ -152,34 +199,35 @@ def _list_entry(src: Path, number: int, line: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- tables
 
 
-def _table_source(root: Path, tables: list[Path], audio_column: str) -> Source:
+def _table_source(root: str, tables: list[tuple[str, str]], audio_column: str) -> Source:
+    """`tables`: (path or URL, signature) of each Parquet file, sorted; ids are relative to `root`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     inputs: list[Input] = []
     carried: list[pa.Table] = []
     schema = None
-    for path in tables:
-        name = path.relative_to(root).as_posix()
+    for path, signature in tables:
+        name = storage.relative_to(path, root) or storage.basename(path)
         try:
-            file = pq.ParquetFile(path)
+            with storage.open_input(path) as handle:
+                file = pq.ParquetFile(handle)
+                _check_audio_column(path, file.schema_arrow, audio_column)
+                table = file.read(columns=[c for c in file.schema_arrow.names if c != audio_column])
+                rows = file.metadata.num_rows
         except (OSError, pa.ArrowException) as e:
             raise MimiError(f"{path}: not a readable Parquet file ({e})") from None
-        _check_audio_column(path, file.schema_arrow, audio_column)
-        table = file.read(columns=[c for c in file.schema_arrow.names if c != audio_column])
         if schema is not None and not table.schema.equals(schema):
             raise MimiError(f"{path}: its columns differ from those of the other Parquet files of SRC")
         schema = table.schema
         carried.append(table)
-        signature = _signature(path)
-        rows = file.metadata.num_rows
-        inputs += [Input(f"{name}:{row}", str(path), row, signature) for row in range(rows)]
+        inputs += [Input(f"{name}:{row}", path, row, signature) for row in range(rows)]
     if not inputs:
         raise MimiError(f"{root}: the Parquet files hold no rows")
     return Source("table", inputs, pa.concat_tables(carried) if schema and schema.names else None)
 
 
-def _check_audio_column(path: Path, schema: pa.Schema, column: str) -> None:
+def _check_audio_column(path: str, schema: pa.Schema, column: str) -> None:
     import pyarrow as pa
 
     if column not in schema.names:
@@ -204,27 +252,31 @@ class CellReader:
     def __init__(self, audio_column: str, keep: int = 4) -> None:
         self.column, self.keep = audio_column, keep
         self._groups: OrderedDict[tuple[str, int], tuple[int, list[Any]]] = OrderedDict()
+        self._starts: dict[str, list[int]] = {}  # per file: the first row of each row group, and the count
         self._lock = threading.Lock()
 
     def cell(self, path: str, row: int) -> dict[str, Any] | None:
-        """The cell of `row` in `path`: {"bytes": ..., "path": ...} (either may be None), or None."""
+        """The cell of `row` in `path` (a file or a URL): {"bytes": ..., "path": ...} (either may be None)."""
         import pyarrow.parquet as pq
 
-        file = pq.ParquetFile(path)
-        start = 0
-        for group in range(file.metadata.num_row_groups):
-            count = file.metadata.row_group(group).num_rows
-            if row < start + count:
-                break
-            start += count
-        else:
+        starts = self._starts.get(path)
+        if starts is None:
+            with storage.open_input(path) as handle:
+                metadata = pq.ParquetFile(handle).metadata
+            counts = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            starts = [int(s) for s in np.cumsum([0, *counts])]
+            with self._lock:
+                self._starts[path] = starts
+        if not 0 <= row < starts[-1]:
             raise MimiError(f"{path}: has no row {row}")
+        group = int(np.searchsorted(starts, row, side="right")) - 1
         key = (path, group)
         with self._lock:
             cached = self._groups.get(key)
         if cached is None:
-            cells = file.read_row_group(group, columns=[self.column]).column(0).to_pylist()
-            cached = (start, cells)
+            with storage.open_input(path) as handle:
+                column = pq.ParquetFile(handle).read_row_group(group, columns=[self.column]).column(0)
+            cached = (starts[group], column.to_pylist())
             with self._lock:
                 self._groups[key] = cached
                 while len(self._groups) > self.keep:
@@ -236,17 +288,27 @@ def read_input(item: Input, cells: CellReader) -> tuple[np.ndarray, AudioInfo]:
     """The audio of one input: float32 mono [T] at 24 kHz, and the original's info.
 
     A table cell is read from its bytes, else from its path (relative paths against the table's folder).
+    An object in a bucket is fetched whole, then decoded from memory.
     """
     if item.row == NO_ROW:
-        return read_audio(item.path)
+        return _read_file(item.path)
     cell = cells.cell(item.path, item.row)
     data = cell.get("bytes") if isinstance(cell, dict) else None
     if data:
-        stream = io.BytesIO(data)
-        stream.name = item.id  # errors name the row
-        return read_audio(stream)
+        return _read_stream(data, item.id)  # errors name the row
     where = cell.get("path") if isinstance(cell, dict) else None
     if not where:
         raise MimiError(f"{item.id}: the audio cell holds neither bytes nor a path")
-    path = Path(where) if Path(where).is_absolute() else Path(item.path).parent / where
-    return read_audio(path)
+    return _read_file(storage.join(storage.parent(item.path), where))
+
+
+def _read_file(where: str) -> tuple[np.ndarray, AudioInfo]:
+    if storage.is_url(where):
+        return _read_stream(storage.read_bytes(where), where)
+    return read_audio(where)
+
+
+def _read_stream(data: bytes, name: str) -> tuple[np.ndarray, AudioInfo]:
+    stream = io.BytesIO(data)
+    stream.name = name
+    return read_audio(stream)

@@ -1,0 +1,316 @@
+"""`mimi tokenize` and `mimi detokenize` with SRC and OUT_DIR in a bucket: moto's S3 server on 127.0.0.1.
+
+S3 → S3 gives the shards of local → local (the same bytes but for the shard key, which hashes the inputs'
+signatures: ETags there, modification times here); detokenize reads a bucket and writes one; a rerun redoes
+only what is missing; a second run is refused while a lock object is there; permanent errors are one line
+naming the URL, before the weights are loaded; transient faults (503, cut connections) lose and double
+nothing; the secret key appears in no output.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from corpora import MIMI, env, make_corpus, make_table, read_failures, read_rows, shard_bytes
+from s3server import SECRET, FaultyProxy, client, objects, s3_environment, s3_server, upload
+from typer.testing import CliRunner
+
+from mimi_cli.cli import app
+from mimi_cli.corpus import storage
+
+K = 8
+SHARD = 3
+
+
+@pytest.fixture(scope="session")
+def s3() -> str:
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def aws(s3, monkeypatch) -> str:
+    """This process reaches the server as a user's would: AWS_* variables only."""
+    for name, value in s3_environment(s3).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "")  # set, so that what --storage-options puts there is undone
+    return s3
+
+
+def invoke(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def run(*args: object, endpoint: str, **extra: str) -> subprocess.CompletedProcess:
+    """`mimi` in a subprocess with the AWS variables of the test server."""
+    environment = env(**{**s3_environment(endpoint), "AWS_EC2_METADATA_DISABLED": "true", **extra})
+    return subprocess.run(
+        [str(MIMI), *map(str, args)], env=environment, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def bucket(s3) -> str:
+    client(s3).create_bucket(Bucket="corpora")
+    return "corpora"
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, s3, bucket) -> tuple[Path, str]:
+    """A corpus of good files, here and in the bucket."""
+    local = make_corpus(tmp_path_factory.mktemp("clean"), bad=False)
+    return local, upload(s3, local, bucket, "clean")
+
+
+@pytest.fixture(scope="module")
+def reference(clean, tiny_weights, tmp_path_factory) -> Path:
+    """local → local."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    code, output = invoke("tokenize", clean[0], out, "-w", tiny_weights, "-k", K, "--shard-size", SHARD, "-q")
+    assert code == 0, output
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_run(clean, reference, tiny_weights, s3, bucket) -> tuple[str, subprocess.CompletedProcess]:
+    """S3 → S3, in a subprocess as a user would run it."""
+    out = f"s3://{bucket}/tokens"
+    result = run("tokenize", clean[1], out, "-w", tiny_weights, "-k", K, "--shard-size", SHARD, endpoint=s3)
+    return out, result
+
+
+def unkeyed(data: bytes) -> tuple[bytes, dict, object]:
+    """A shard as what must not differ between the two runs: the bytes before the Parquet footer (every
+    data page), the metadata but its key (which hashes the inputs' signatures), and the schema."""
+    import io
+    import struct
+
+    footer = struct.unpack("<I", data[-8:-4])[0]
+    metadata = pq.read_metadata(io.BytesIO(data))
+    meta = json.loads(metadata.metadata[b"mimi"])
+    assert len(meta.pop("key")) == 64
+    return data[: len(data) - 8 - footer], meta, metadata.schema.to_arrow_schema().remove_metadata()
+
+
+def assert_same_shards(bucket_objects: dict[str, bytes], reference: Path) -> None:
+    local = shard_bytes(reference)
+    remote = {name: data for name, data in bucket_objects.items() if name.startswith("part-")}
+    assert sorted(remote) == sorted(local)
+    for name in local:
+        assert len(remote[name]) == len(local[name])
+        assert unkeyed(remote[name]) == unkeyed(local[name]), name
+
+
+def test_s3_to_s3_gives_the_shards_of_local_to_local(s3_run, reference, s3, bucket) -> None:
+    out, result = s3_run
+    assert result.returncode == 0, result.stderr
+    stored = objects(s3, bucket, "tokens")
+    assert_same_shards(stored, reference)
+    assert stored["dataset.json"] == (reference / "dataset.json").read_bytes()
+    assert stored["failures.jsonl"] == b""
+    assert ".mimi-lock" not in stored  # released at the end
+    assert f"→ {out}" in result.stderr
+
+
+def test_no_secret_in_any_output(s3_run, s3, bucket, tiny_weights, tmp_path) -> None:
+    """The secret key is in the environment of every run; it is in no object, no line printed, no error."""
+    out, result = s3_run
+    failing = run("tokenize", "s3://no-such-bucket/x", tmp_path / "o", "-w", tiny_weights, endpoint=s3)
+    listed = run(
+        "detokenize", out, f"s3://{bucket}/audio-secret-check", "-w", tiny_weights, "--json", endpoint=s3
+    )
+    assert failing.returncode == 2 and listed.returncode == 0, listed.stderr
+    texts = [result.stdout, result.stderr, failing.stdout, failing.stderr, listed.stdout, listed.stderr]
+    assert all(SECRET not in text for text in texts)
+    stored = objects(s3, bucket, "tokens") | objects(s3, bucket, "audio-secret-check")
+    assert stored and all(SECRET.encode() not in data for data in stored.values())
+
+
+def test_hide_secrets_in_error_lines(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"s3": {"secret": "optSECRETvalue1"}}))
+    line = storage.hide_secrets(f"signature with {SECRET} and optSECRETvalue1 mismatched")
+    assert SECRET not in line and "optSECRETvalue1" not in line and line.count("***") == 2
+
+
+def test_detokenize_from_a_bucket_to_a_bucket_and_here(
+    s3_run, reference, tiny_weights, tmp_path, aws, bucket
+):
+    out, _ = s3_run
+    code, output = invoke("detokenize", reference, tmp_path / "local", "-w", tiny_weights, "-q")
+    assert code == 0, output
+    code, output = invoke("detokenize", out, tmp_path / "from-s3", "-w", tiny_weights, "-q")
+    assert code == 0, output
+    expected = {
+        p.relative_to(tmp_path / "local").as_posix(): p.read_bytes()
+        for p in (tmp_path / "local").rglob("*.wav")
+    }
+    got = {
+        p.relative_to(tmp_path / "from-s3").as_posix(): p.read_bytes()
+        for p in (tmp_path / "from-s3").rglob("*.wav")
+    }
+    assert got == expected and len(expected) == 7
+    code, output = invoke("detokenize", out, f"s3://{bucket}/audio", "-w", tiny_weights, "-q")
+    assert code == 0, output
+    assert objects(aws, bucket, "audio") == expected
+    code, output = invoke("detokenize", out, f"s3://{bucket}/audio", "-w", tiny_weights)
+    assert code == 0 and "0 written, 7 kept" in output  # what is there is kept
+
+
+def test_a_rerun_redoes_only_missing_or_stale_shards(clean, reference, tiny_weights, aws, bucket) -> None:
+    out = f"s3://{bucket}/rerun"
+    args = ("tokenize", clean[1], out, "-w", tiny_weights, "-k", K, "--shard-size", SHARD)
+    assert invoke(*args)[0] == 0
+    s3 = client(aws)
+    first = objects(aws, bucket, "rerun")
+    s3.delete_object(Bucket=bucket, Key="rerun/part-00001.parquet")  # missing
+    s3.put_object(
+        Bucket=bucket, Key="rerun/part-00002.parquet", Body=first["part-00002.parquet"][:100]
+    )  # cut
+    s3.put_object(Bucket=bucket, Key="rerun/part-00007.parquet", Body=b"the plan has no such shard")
+    code, output = invoke(*args)
+    assert code == 0 and "2 shards written, 1 kept" in output, output
+    assert objects(aws, bucket, "rerun") == first  # the stale one removed, the others as they were
+    code, output = invoke(*args)
+    assert code == 0 and "0 shards written, 3 kept" in output
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(clean, tiny_weights, aws, bucket) -> None:
+    s3 = client(aws)
+    s3.put_object(Bucket=bucket, Key="locked/.mimi-lock", Body=b'{"host": "elsewhere"}')
+    code, output = invoke("tokenize", clean[1], f"s3://{bucket}/locked", "-w", tiny_weights, "-k", K)
+    assert (
+        code == 2
+        and "another run is writing this dataset" in output
+        and "s3://corpora/locked/.mimi-lock" in output
+    )
+    assert len(output.strip().splitlines()) == 1
+    assert set(objects(aws, bucket, "locked")) == {".mimi-lock"}  # nothing written
+
+
+def test_the_lock_is_a_conditional_put(aws, bucket) -> None:
+    folder = storage.Folder(f"s3://{bucket}/lock-check")
+    assert folder.create("lock", b"first")
+    assert folder.create("lock", b"first")  # our own claim, seen again (a retried PUT that had landed)
+    assert not folder.create("lock", b"second")
+    assert folder.read("lock") == b"first"
+
+
+@pytest.mark.parametrize(
+    "src, out, message",
+    [
+        pytest.param(
+            "s3://no-such-bucket/x",
+            "{tmp}/out",
+            "s3://no-such-bucket/x: The specified bucket does not exist",
+            id="src-bucket",
+        ),
+        pytest.param("s3://corpora/nothing-here", "{tmp}/out", "no such file or folder", id="src-prefix"),
+        pytest.param(
+            "{clean}",
+            "s3://no-such-bucket/out",
+            "s3://no-such-bucket/out: The specified bucket does not exist",
+            id="out-bucket",
+        ),
+        pytest.param("ftp://host/x", "{tmp}/out", "unsupported URL scheme 'ftp'", id="scheme"),
+        pytest.param("{clean}", "hf://datasets/a/b", "hf:// is read only", id="hf-out"),
+    ],
+)
+def test_permanent_errors_are_one_line_before_the_weights(clean, aws, tmp_path, src, out, message) -> None:
+    """The weights named do not exist: an error about them would mean storage was checked too late."""
+    fill = {"tmp": tmp_path, "clean": clean[1]}
+    code, output = invoke("tokenize", src.format(**fill), out.format(**fill), "-w", tmp_path / "no-weights")
+    assert code == 2 and message in output, output
+    assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_credentials_is_one_line(clean, s3, tmp_path) -> None:
+    result = run(
+        "tokenize", clean[1], tmp_path / "out", "-w", tmp_path / "no-weights", endpoint=s3,
+        AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+    )  # fmt: skip
+    assert result.returncode == 2 and "s3://corpora/clean" in result.stderr, result.stderr
+    assert "credentials" in result.stderr.lower() and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_storage_options_reach_the_file_system(
+    clean, reference, tiny_weights, aws, bucket, monkeypatch
+) -> None:
+    """No endpoint in the environment: --storage-options names it (and the run's readers get it too)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    options = json.dumps({"s3": {"client_kwargs": {"endpoint_url": aws}}})
+    out = f"s3://{bucket}/with-options"
+    code, output = invoke(
+        "tokenize", clean[1], out, "-w", tiny_weights, "-k", K, "--shard-size", SHARD,
+        "--storage-options", options, "--readers", "processes", "--jobs", "2",
+    )  # fmt: skip
+    assert code == 0, output
+    assert_same_shards(objects(aws, bucket, "with-options"), reference)
+
+
+def test_unreadable_inputs_in_a_bucket_fail_alone(tiny_weights, aws, bucket, tmp_path) -> None:
+    corpus = make_corpus(tmp_path / "corpus")
+    url = upload(aws, corpus, bucket, "with-bad")
+    here, there = tmp_path / "here", tmp_path / "there"
+    assert invoke("tokenize", corpus, here, "-w", tiny_weights, "-k", K)[0] == 1
+    code, output = invoke("tokenize", url, there, "-w", tiny_weights, "-k", K)
+    assert code == 1 and "3 failed" in output
+    assert read_rows(there) == read_rows(here)
+    failures = read_failures(there)
+    assert set(failures) == set(read_failures(here))
+    assert failures["notes.wav"].startswith(f"{url}/notes.wav: ")  # named by its URL
+
+
+def test_lists_and_tables_in_a_bucket(clean, tiny_weights, aws, bucket, tmp_path) -> None:
+    local, url = clean
+    s3 = client(aws)
+    lines = ["a.wav", "sub/c.wav", f"{url}/b.flac"]  # relative to the list, and a URL
+    s3.put_object(
+        Bucket=bucket, Key="clean/files.jsonl", Body="".join(json.dumps({"path": p}) + "\n" for p in lines)
+    )
+    try:
+        code, output = invoke(
+            "tokenize", f"{url}/files.jsonl", tmp_path / "listed", "-w", tiny_weights, "-k", K
+        )
+    finally:
+        s3.delete_object(Bucket=bucket, Key="clean/files.jsonl")
+    assert code == 0, output
+    rows = read_rows(tmp_path / "listed")
+    assert sorted(rows) == ["a.wav", "b.flac", "sub/c.wav"]  # URLs inside the list's folder: relative ids
+
+    table = make_table(tmp_path / "hf", local)
+    table_url = upload(aws, table, bucket, "table")
+    code_here, _ = invoke("tokenize", table, tmp_path / "t-here", "-w", tiny_weights, "-k", K)
+    code_there, output = invoke("tokenize", table_url, tmp_path / "t-there", "-w", tiny_weights, "-k", K)
+    assert code_here == code_there == 1, output
+    here, there = read_rows(tmp_path / "t-here"), read_rows(tmp_path / "t-there")
+    assert there == here and there["train-00001.parquet:0"]["text"] == "fifth"  # a path cell, in the bucket
+    assert rows["a.wav"]["codes"] == read_rows(tmp_path / "t-here")["train-00000.parquet:0"]["codes"]
+
+
+def test_faults_on_the_way_lose_and_double_nothing(clean, reference, tiny_weights, s3, bucket) -> None:
+    """One request in 9 fails (503, cut before, cut after the server did it): the run retries and writes
+    the same dataset."""
+    with FaultyProxy(s3, every=9) as proxy:
+        out = f"s3://{bucket}/faulty"
+        result = run(
+            "tokenize", clean[1], out, "-w", tiny_weights, "-k", K, "--shard-size", SHARD, "-q",
+            endpoint=proxy.endpoint,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert all(proxy.faults.values()), proxy.faults
+    stored = objects(s3, bucket, "faulty")
+    assert_same_shards(stored, reference)
+    assert stored["dataset.json"] == (reference / "dataset.json").read_bytes()
+    assert ".mimi-lock" not in stored
