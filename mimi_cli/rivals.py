@@ -23,6 +23,7 @@ import io
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -155,7 +156,8 @@ def _setting(item: str) -> Setting:
         raise ValueError(f"--against {item}: {name} takes {low:g} to {high:g} kbps")
     if not has_encoder(codec):
         raise ValueError(
-            f"--against {item}: no {name} encoder in this PyAV build ({codec.encoder} is missing)"
+            f"--against {item}: no {name} encoder in this PyAV build ({codec.encoder} is missing; "
+            "FFmpeg's experimental one is not used)"
         )
     return Setting(name, int(kbps) if kbps.is_integer() else kbps)
 
@@ -198,11 +200,12 @@ def round_trip(audio: np.ndarray, setting: Setting) -> Coded:
     return Coded(aligned, payload, len(data), signalled_delay(setting.codec, data))
 
 
-def _frame(signal: np.ndarray, rate: int, codec: object) -> object:
-    """One PyAV frame of the whole signal, in a float layout the encoder takes (it splits it up)."""
+def _frame(signal: np.ndarray, rate: int, codec: Any) -> Any:
+    """One PyAV frame of the whole signal [T], in a float layout the encoder takes (PyAV splits it into
+    the encoder's frame size)."""
     import av
 
-    formats = [f.name for f in codec.audio_formats]  # type: ignore[attr-defined]
+    formats = [f.name for f in codec.audio_formats]
     layout = "flt" if "flt" in formats else "fltp"
     frame = av.AudioFrame.from_ndarray(signal[None], format=layout, layout="mono")
     frame.sample_rate = rate
