@@ -157,6 +157,7 @@ def test_readers_training_code_uses(dataset) -> None:
     # data_files: with data_dir alone, datasets would also take dataset.json and failures.jsonl as Parquet
     loaded = datasets.load_dataset("parquet", data_dir=str(out), data_files="part-*.parquet", split="train")
     assert loaded.num_rows == len(rows)
+    assert loaded.num_rows == len(rows)
     assert sorted(loaded["id"]) == sorted(rows)
     first = loaded[0]
     assert first["codes"] == rows[first["id"]]["codes"]
@@ -166,6 +167,25 @@ def test_readers_training_code_uses(dataset) -> None:
     import pyarrow.dataset as ds
 
     assert ds.dataset(out, format="parquet", exclude_invalid_files=True).count_rows() == len(rows)
+
+
+def test_the_folder_is_a_hugging_face_dataset_as_it_is(dataset, tmp_path, monkeypatch) -> None:
+    """README.md is a dataset card whose `configs` name the shards: `load_dataset(OUT_DIR)` alone reads
+    them (and not dataset.json nor failures.jsonl), offline; the card states codebooks and weights."""
+    import datasets
+
+    out, _, _ = dataset
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = read_rows(out)
+    loaded = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    assert loaded.num_rows == len(rows) and sorted(loaded["id"]) == sorted(rows)
+    assert loaded.features["codes"].feature.feature.dtype == "int16"
+    card = (out / "README.md").read_text()
+    description = json.loads((out / "dataset.json").read_text())
+    assert card.startswith("---\nconfigs:\n") and 'path: "part-*.parquet"' in card
+    assert f"| codebooks (K) | {K} |" in card and description["fingerprint"] in card
+    assert "| `codes` | `list<element: list<element: int16>>` |" in card
 
 
 def test_batches_of_several_give_the_codes_to_rounding(corpus, dataset, tiny_weights, tmp_path) -> None:

@@ -3,13 +3,15 @@
     OUT_DIR/part-00000.parquet   rows of shard 0 (inputs 0 .. N-1 in sorted order, failures left out)
            part-00001.parquet   ...
            failures.jsonl       {"id": ..., "error": ...} per input that could not be read or encoded
+           README.md            the dataset card (Hugging Face `configs`: load_dataset(OUT_DIR) works)
            dataset.json         codebooks, fingerprint, rates, totals, the shard list
 
 Inputs are cut into shards deterministically (sorted, `shard_size` each). Every shard file carries in
 its Parquet metadata (key "mimi") its shard's key (a hash of its inputs, their file signatures, the
 codebooks and the weights fingerprint) and its failed inputs: a shard file is complete when it reads
 back with the key of the plan and the row count it announces; anything else is redone. Files appear
-by rename only, so a killed run leaves complete shards or hidden temporary files, never half a shard.
+whole only (renamed into place in a folder, put in one request in a bucket), so a killed run leaves
+complete shards or hidden temporary files, never half a shard. The summary files are written last.
 See docs/DATASET.md for the row schema.
 """
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 FAILURES = "failures.jsonl"
 DATASET = "dataset.json"
+CARD = "README.md"  # the dataset card: `datasets.load_dataset(OUT_DIR)` reads its `configs`
 META_KEY = b"mimi"
 SHARD_NAME = re.compile(r"part-(\d{5,})\.parquet")
 ROW_COLUMNS = ("id", "codes", "num_frames", "duration", "sample_rate", "num_samples", "channels")
@@ -222,5 +225,62 @@ def finish_dataset(
         "audio_hours": round(seconds / 3600, 6),
         "shards": [{"file": s.name, "rows": metas[s.index]["rows"]} for s in shards],
     }
+    out_dir.write(CARD, dataset_card(description, _schema(out_dir, shards)).encode())
     out_dir.write(DATASET, (json.dumps(description, indent=2) + "\n").encode())
     return failures, description
+
+
+def _schema(out_dir: Folder, shards: list[Shard]) -> pa.Schema | None:
+    import pyarrow.parquet as pq
+
+    if not shards:
+        return None
+    with out_dir.open(shards[0].name) as handle:
+        return pq.read_schema(handle).remove_metadata()
+
+
+def dataset_card(description: dict[str, Any], schema: pa.Schema | None) -> str:
+    """README.md of OUT_DIR: a Hugging Face dataset card whose `configs` name the shards, so that
+    `load_dataset(OUT_DIR)` reads them and nothing else; then the schema, codebooks and weights."""
+    columns = "".join(f"| `{field.name}` | `{field.type}` |\n" for field in schema or [])
+    d = description
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "part-*.parquet"
+tags:
+- audio
+- mimi
+- audio-tokens
+---
+
+# Mimi tokens
+
+Audio encoded with the Mimi codec by `mimi tokenize` (mimi-cli {description["mimi_cli_version"]}): one row
+per input, its codes `[K][frames]` in `0 … 2047` at {description["frame_rate"]} frames per second.
+
+| | |
+|---|---|
+| codebooks (K) | {description["codebooks"]} |
+| weights fingerprint | `{description["fingerprint"]}` |
+| source | {description["source"]} |
+| rows | {d["rows"]} of {d["inputs"]} inputs ({d["failed"]} failed: `failures.jsonl`) |
+| audio | {description["audio_hours"]:.3f} hours |
+| shards | {len(description["shards"])} (`part-*.parquet`) |
+
+## Columns
+
+| column | Arrow type |
+|---|---|
+{columns}
+```python
+from datasets import load_dataset
+
+ds = load_dataset("path/to/this/folder", split="train")
+```
+
+`mimi detokenize` turns the rows back into audio with the same weights (same fingerprint).
+`dataset.json` holds the same description for programs.
+"""
