@@ -32,7 +32,8 @@ from .metrics import METRICS, format_value, stft_magnitudes
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .compare import BitrateMatch, Comparison, Rendition
+    from .compare import Comparison, Rendition
+    from .rivals import BitrateMatch
 
 SPECTROGRAM_FFT = 1024  # 43 ms window at 24 kHz
 SPECTROGRAM_COLUMNS = 3000  # at most this many STFT frames per image: the hop grows for long inputs

@@ -319,3 +319,57 @@ def bitrate_match(
         if good_stoi and good_mel:
             return round(float(np.exp(candidate)), 4), bool(candidate == x[0])
     return None, False
+
+
+@dataclass(frozen=True)
+class BitrateMatch:
+    """The lowest Opus bitrate scoring at least as well as one Mimi setting on STOI and mel distance."""
+
+    codebooks: int
+    mimi_kbps: float  # Mimi's payload kbps
+    opus_kbps: float | None  # interpolated on Opus's measured curve (payload kbps); None: no match
+    lowest: bool  # Opus's lowest measured bitrate already scores as well (the match is at most that)
+    highest: float  # Opus's highest measured payload kbps
+
+    def text(self) -> str:
+        mimi = f"Mimi {self.mimi_kbps:.3g} kbps ({self.codebooks} codebooks)"
+        if self.opus_kbps is None:
+            return f"{mimi}: none up to {self.highest:.3g} kbps (no Opus bitrate measured scores as well)"
+        if self.lowest:
+            return f"{mimi} ≈ Opus at most {self.opus_kbps:.3g} kbps (its lowest measured)"
+        return f"{mimi} ≈ Opus {self.opus_kbps:.3g} kbps"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "codebooks": self.codebooks,
+            "mimi_kbps": self.mimi_kbps,
+            "opus_kbps": self.opus_kbps,
+            "at_most": self.lowest,
+            "opus_highest_kbps": self.highest,
+            "text": self.text(),
+        }
+
+
+def matches(rows: list[dict[str, Any]]) -> list[BitrateMatch]:
+    """Bitrate matches of result rows (a file's results, or `summarize` rows: their means are used).
+
+    Needs Mimi rows and at least two Opus rows with STOI; the curve's x is the reached payload kbps."""
+
+    def value(row: dict[str, Any], key: str) -> float | None:
+        cell = row[key]
+        cell = cell["mean"] if isinstance(cell, dict) else cell
+        return None if cell is None else float(cell)
+
+    opus = [r for r in rows if r.get("codec") == "opus" and value(r, "stoi") is not None]
+    curve = [(float(r["payload_kbps"]), value(r, "stoi"), value(r, "mel_distance")) for r in opus]
+    found = []
+    for row in rows:
+        stoi = value(row, "stoi")
+        if row.get("codec") != "mimi" or len(curve) < 2 or stoi is None:
+            continue
+        mel = value(row, "mel_distance")
+        assert mel is not None  # mel distance is always defined
+        opus_kbps, lowest = bitrate_match(curve, stoi, mel)
+        highest = max(x for x, _, _ in curve)
+        found.append(BitrateMatch(row["codebooks"], row["payload_kbps"], opus_kbps, lowest, highest))
+    return found

@@ -14,12 +14,12 @@ import pytest
 from conftest import EXAMPLES
 
 from mimi_cli.audio import read_audio
-from mimi_cli.compare import matches
 from mimi_cli.metrics import score
 from mimi_cli.rivals import (
     CODECS,
     Setting,
     bitrate_match,
+    matches,
     parse_against,
     reached_kbps,
     round_trip,

@@ -190,8 +190,9 @@ def _folder(
     """Score every audio file of `in_dir`; exit 1 when some failed."""
     from urllib.parse import quote
 
-    from ..compare import codec_settings, compare_folder, discover, matches, summarize
+    from ..compare import codec_settings, compare_folder, discover, summarize
     from ..report import files_folder, page_name, write_index, write_page
+    from ..rivals import matches
 
     pages = files_folder(report) if report else None
     files = discover(in_dir, glob, exclude=pages)
