@@ -102,10 +102,13 @@ def click_train(seconds: float = 2.0, spacing: int = 2347) -> tuple[np.ndarray, 
 @pytest.mark.parametrize(
     ("setting", "delay"),
     [
+        pytest.param(Setting("opus", 12), 312, id="opus-12"),
         pytest.param(Setting("opus", 24), 312, id="opus-24"),
         pytest.param(Setting("opus", 64), 312, id="opus-64"),
+        pytest.param(Setting("aac", 8), 1024, id="aac-8"),
         pytest.param(Setting("aac", 24), 1024, id="aac-24"),
         pytest.param(Setting("aac", 64), 1024, id="aac-64"),
+        pytest.param(Setting("mp3", 8), 576 + 529, id="mp3-8"),
         pytest.param(Setting("mp3", 16), 576 + 529, id="mp3-16"),
         pytest.param(Setting("mp3", 64), 576 + 529, id="mp3-64"),
     ],
@@ -113,7 +116,8 @@ def click_train(seconds: float = 2.0, spacing: int = 2347) -> tuple[np.ndarray, 
 def test_click_train_lands_at_lag_zero(setting, delay):
     """Every click of the decode peaks within one sample of where it was: the signalled delay (Opus
     pre-skip, the MP4 edit list's priming, the LAME tag's delay) is what was removed, nothing found by
-    searching. (Opus at 6 to 12 kbps is SILK, which does not keep a click's shape; 24 kbps is hybrid.)"""
+    searching. (Opus at 6-8 kbps is SILK in narrow/medium band: there the peaks land 2 to 4 samples
+    late, which no field signals and nothing corrects; the module's docstring says so.)"""
     audio, clicks = click_train()
     coded = round_trip(audio, setting)
     assert coded.delay == delay and len(coded.audio) == len(audio)
