@@ -245,20 +245,20 @@ def signalled_delay(codec: str, data: bytes) -> int | None:
 def _opus_pre_skip(data: bytes) -> int | None:
     # OpusHead (RFC 7845 §5.1): magic 8, version 1, channels 1, pre-skip u16 LE, ...
     at = data.find(b"OpusHead")
-    return None if at < 0 else struct.unpack_from("<H", data, at + 10)[0]
+    return None if at < 0 or len(data) < at + 12 else struct.unpack_from("<H", data, at + 10)[0]
 
 
 def _mp4_media_time(data: bytes) -> int | None:
     # elst (ISO/IEC 14496-12 §8.6.6): version 1, flags 3, count u32, then per entry
     # segment_duration and media_time (u32/i32 in version 0, u64/i64 in version 1), big-endian.
     at = data.find(b"elst")
-    if at < 0:
+    if at < 0 or len(data) < at + 12:
         return None
     version, count = data[at + 4], struct.unpack_from(">I", data, at + 8)[0]
-    if not count:
+    entry = struct.Struct(">Qq" if version == 1 else ">Ii")
+    if not count or len(data) < at + 12 + entry.size:
         return None
-    fmt, offset = (">Qq", at + 12) if version == 1 else (">Ii", at + 12)
-    media_time = struct.unpack_from(fmt, data, offset)[1]
+    media_time = entry.unpack_from(data, at + 12)[1]
     return max(media_time, 0)
 
 
@@ -267,7 +267,7 @@ def _lame_delay(data: bytes) -> int | None:
     # as flagged; the LAME extension follows: version string 9, revision 1, lowpass 1, peak 4, gains 2+2,
     # flags 1, bitrate 1, then encoder delay (12 bits) and padding (12 bits).
     match = re.search(rb"Xing|Info", data[:4096])
-    if match is None:
+    if match is None or len(data) < match.start() + 8:
         return None
     flags = struct.unpack_from(">I", data, match.start() + 4)[0]
     lame = match.start() + 8 + sum(size for bit, size in ((1, 4), (2, 4), (4, 100), (8, 4)) if flags & bit)

@@ -158,6 +158,9 @@ def test_signalled_delay_read_from_the_bytes_is_what_the_demuxer_drops(codec, fr
         first = next(container.decode(container.streams.audio[0]))
     assert first.samples == (-delay) % frame or frame
     assert signalled_delay(codec, b"no container here") is None
+    for cut in (0, 4, 8, 12, 20):  # a field's name, then the file ends: not found, never an exception
+        for name in (b"OpusHead", b"elst", b"Xing"):
+            assert signalled_delay(codec, b"x" * 7 + name + bytes(cut)) in (None, 0)
 
 
 # ---------------------------------------------------------------------------------------------- bitrates
