@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .audio import OUTPUT_FORMATS, probe, read_audio
+from .audio import AUDIO_SUFFIXES, OUTPUT_FORMATS, probe, read_audio  # AUDIO_SUFFIXES: taken when no --glob
 from .codec import (
     check_fingerprint,
     decode_file,
@@ -43,10 +43,6 @@ if TYPE_CHECKING:
     from .model import MimiModel
 
 MANIFEST = "manifest.jsonl"
-# Suffixes taken as audio when no --glob is given (what libsndfile reads, plus common aliases).
-AUDIO_SUFFIXES = frozenset(
-    ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .caf .w64 .rf64 .wv .voc .sd2".split()
-)
 LONG_SECONDS = 600.0  # longer files are streamed from disk rather than read whole
 
 

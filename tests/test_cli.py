@@ -477,8 +477,8 @@ BAD_INPUT = [
     _bad("decode-output-is-folder", "decode good.mimi folder", "folder", "directory"),
     _bad("decode-output-exists", "decode good.mimi existing.wav", "existing.wav", "--force"),
     _bad("decode-over-input", "decode good.mimi good.mimi -f", "good.mimi", "input"),
-    _bad("decode-unknown-suffix", "decode good.mimi out.mp3", "out.mp3", "format"),
-    _bad("decode-unknown-format", "decode good.mimi out.wav --format mp3", "mp3", "format"),
+    _bad("decode-unknown-suffix", "decode good.mimi out.aac", "out.aac", "format"),
+    _bad("decode-unknown-format", "decode good.mimi out.wav --format aac", "aac", "format"),
     _bad("decode-folder-to-file", "decode folder existing.wav", "existing.wav", "folder"),
     # decode: flags
     _bad("decode-codebooks-9", "decode good.mimi out.wav -k 9", "good.mimi", "8 codebooks", "9"),
@@ -589,7 +589,7 @@ def test_help_does_not_import_torch(args):
         ("encode", "--weights -w <str> Hub repo id, folder or .safetensors file [default: $MIMI_WEIGHTS"),
         ("encode", "files per forward pass [default: 8 on CUDA, 1 on CPU]"),
         ("encode", "channels (interleaved) [default: 1]"),
-        ("decode", "wav, flac or ogg [default: from the suffix; wav on stdout]"),
+        ("decode", "wav, flac, ogg, m4a, mp3, opus or webm [default: from the suffix; wav on stdout]"),
     ],
 )
 def test_help_shows_the_defaults_written_in_the_text(command, shown):

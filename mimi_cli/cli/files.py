@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,8 +64,10 @@ def encode(
     channels: ChannelsOpt = None,
     sample_format: SampleFormatOpt = "s16le",
     chunk_frames: ChunkFramesOpt = 1,
+    stream: StreamOpt = None,
 ) -> None:
-    """Encode audio (wav, flac, ogg, mp3, …; any rate and channels) into a .mimi file.
+    """Encode audio (wav, flac, ogg, mp3, m4a, opus, webm, the sound of mp4/mkv videos, …; any rate and
+    channels) into a .mimi file.
 
     With folders (IN_DIR OUT_DIR), encodes every audio file below IN_DIR into the same tree under
     OUT_DIR, skipping outputs that are complete and up to date, and writes OUT_DIR/manifest.jsonl.
@@ -76,24 +78,27 @@ def encode(
         pcm = _raw_format(raw, rate, channels, sample_format, live)
         if chunk_frames != 1 and not (live and 1 <= chunk_frames <= 0xFFFF):
             raise ValueError(f"--chunk-frames must be in 1..65535, with --live; got {chunk_frames}")
+        if stream is not None and (stream < 0 or live):
+            raise ValueError(f"--stream takes an audio stream number from 0, without --live; got {stream}")
         if live:
             _live("encode", input, output, force, quiet, as_json, weights, device, dtype, pcm, k,
                   chunk_frames=chunk_frames)  # fmt: skip
             return
         if Path(input).is_dir():
             folders = _Folders(weights, device, dtype, force, quiet, as_json, glob, jobs, batch_size)
-            _batch("encode", input, output, folders, codebooks=k)
+            _batch("encode", input, output, folders, codebooks=k, stream=stream)
             return
         check_paths(input, output, force)
-        if input != STDIO:
-            from ..audio import probe
+        from ..audio import Track, probe
 
-            probe(input)  # a bad input fails before the weights are loaded
+        source = input if stream is None else Track(input, stream)
+        if input != STDIO:
+            probe(source)  # a bad input fails before the weights are loaded
         model = load_weights(weights, device, dtype, quiet)
         from ..codec import encode_file
 
         with progress_bar(not quiet, "encoding") as progress:
-            summary = encode_file(model, input, output, k, progress=progress)
+            summary = encode_file(model, source, output, k, progress=progress)
         report(summary, quiet, as_json, data_on_stdout=output == STDIO)
 
 
@@ -110,7 +115,10 @@ def decode(
     ] = None,
     audio_format: Annotated[
         str | None,
-        typer.Option("--format", help="wav, flac or ogg \\[default: from the suffix; wav on stdout]"),
+        typer.Option(
+            "--format",
+            help="wav, flac, ogg, m4a, mp3, opus or webm \\[default: from the suffix; wav on stdout]",
+        ),
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -128,10 +136,11 @@ def decode(
     channels: ChannelsOpt = None,
     sample_format: SampleFormatOpt = "s16le",
 ) -> None:
-    """Decode a .mimi file to audio (WAV, or FLAC/OGG by the output's suffix).
+    """Decode a .mimi file to audio (WAV, or FLAC/OGG/M4A/MP3/OPUS/WEBM by the output's suffix).
 
     With folders (IN_DIR OUT_DIR), decodes every .mimi file below IN_DIR into the same tree under
-    OUT_DIR (.wav, or --format flac/ogg), skipping complete outputs, and writes a manifest.
+    OUT_DIR (.wav, or --format flac/ogg/m4a/mp3/opus/webm), skipping complete outputs, and writes a
+    manifest.
     With --live, decodes each chunk of codes as it arrives and writes its audio at once.
     """
     with errors_to_exit():
@@ -187,6 +196,14 @@ ChannelsOpt = Annotated[
     typer.Option("--channels", help="--raw: channels (interleaved) \\[default: 1].", show_default=False),
 ]
 SampleFormatOpt = Annotated[str, typer.Option("--sample-format", help="--raw: s16le or f32le.")]
+StreamOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--stream",
+        help="Which audio stream of the input to encode, from 0 (as ffmpeg -map 0:a:N) \\[default: 0].",
+        show_default=False,
+    ),
+]
 ChunkFramesOpt = Annotated[
     int,
     typer.Option(
@@ -275,9 +292,11 @@ def _batch(
     codebooks: int = DEFAULT_CODEBOOKS,
     rate: int | str | None = None,
     audio_format: str | None = None,
+    stream: int | None = None,
 ) -> None:
     """Convert a folder; exit 1 when any file failed."""
     from .. import batch
+    from ..audio import Track
     from ..device import default_workers
 
     in_dir, out_dir = Path(input), Path(output)
@@ -287,6 +306,8 @@ def _batch(
         raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
     suffix = ".mimi" if kind == "encode" else batch.decoded_suffix(audio_format)
     planned = batch.plan(in_dir, out_dir, suffix, opts.glob)
+    if stream is not None:  # every file's stream `stream` (the Track reads as its path everywhere else)
+        planned = [replace(job, source=Track(job.source, stream)) for job in planned]
     model = load_weights(opts.weights, opts.device, opts.dtype, opts.quiet)
     size = opts.batch_size or (8 if model.device.type == "cuda" else 1)
     if size < 1:
