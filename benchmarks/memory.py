@@ -6,7 +6,10 @@ Generates speech-like WAV inputs (16 kHz mono, so resampling is exercised) of ea
 random full-size weights, then runs each command in its own process and reports its peak
 resident memory (ru_maxrss of that process alone) and its speed as × real time, plus the growth
 of peak memory from the shortest to the longest input. The bar: peak RSS ≤ 1.5 GB and growth
-≤ 10% from 10 to 60 minutes. `--smoke` checks the script in seconds: a tiny model, 6 and 12 s.
+≤ 10% from 10 to 60 minutes. Then the same for encoding an m4a (AAC 44.1 kHz stereo, written here by
+PyAV, `--m4a-minutes` long, 60 by default): decoded by FFmpeg frame by frame, it must stay within the
+same bar, and its .mimi must hold the m4a's exact sample count. `--smoke` checks the script in
+seconds: a tiny model, 6 and 12 s, a 12 s m4a.
 """
 
 from __future__ import annotations
@@ -50,6 +53,24 @@ def write_long_wav(path: Path, minutes: float) -> None:
             out.write(np.roll(block, rng.integers(len(block))) * rng.uniform(0.5, 1.0))
 
 
+def write_long_m4a(path: Path, minutes: float, rate: int = 44_100) -> int:
+    """Speech-like stereo AAC in an .m4a, encoded by PyAV block by block; returns its samples per channel."""
+    from signals import speech_like
+
+    from mimi_cli.audio import AudioWriter
+
+    seconds = min(30.0, minutes * 60)
+    block = speech_like(seconds, rate=rate)
+    rng = np.random.default_rng(0)
+    frames = 0
+    with AudioWriter(path, rate, channels=2) as out:
+        for _ in range(round(minutes * 60 / seconds)):
+            left = np.roll(block, rng.integers(len(block))) * rng.uniform(0.5, 1.0)
+            out.write(np.stack([left, np.roll(left, 300) * 0.8], axis=1))
+            frames += len(left)
+    return frames
+
+
 def measure(command: list[str]) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=False
@@ -66,10 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--codebooks", type=int, default=16)
+    parser.add_argument("--m4a-minutes", type=float, default=60.0, help="the m4a encode's length (0: none)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 6 and 12 s: checks the script")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.minutes = [0.1, 0.2]
+        args.minutes, args.m4a_minutes = [0.1, 0.2], 0.2
 
     from weights_factory import TINY_CONFIG, random_state, write_hub_layout
 
@@ -96,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
                 ("decode", [*mimi, "decode", str(packed), str(decoded), "-r", "original", *common]),
             ):
                 report = measure(command)
-                rows.append((minutes, step, report["peak_kib"] / 1024**2, minutes * 60 / report["seconds"]))
+                rows.append(
+                    (f"{minutes:g} min", step, report["peak_kib"] / 1024**2, minutes * 60 / report["seconds"])
+                )
                 print(
                     f"{minutes:g} min {step}: peak {rows[-1][2]:.2f} GB, {rows[-1][3]:.1f}× real time",
                     flush=True,
@@ -105,18 +129,41 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{decoded.name}: length differs from the input")
             for path in (wav, packed, decoded):
                 path.unlink()
+        if args.m4a_minutes:
+            rows.append(_m4a_row(folder, args.m4a_minutes, args.codebooks, mimi, weights))
 
     info["load_after"] = load_average()
     print(f"\n{header(info)}")
     print("\n| input | step | peak RSS | × real time |\n|---|---|---|---|")
     for minutes, step, peak, speed in rows:
-        print(f"| {minutes:g} min | {step} | {peak:.2f} GB | {speed:.1f}× |")
+        print(f"| {minutes} | {step} | {peak:.2f} GB | {speed:.1f}× |")
     shortest, longest = min(args.minutes), max(args.minutes)
     if shortest != longest:
         for step in ("encode", "decode"):
-            peaks = {m: p for m, s, p, _ in rows if s == step}
-            growth = peaks[longest] / peaks[shortest] - 1
+            peaks = {m: p for m, s, p, _ in rows if s == step and m.endswith(" min")}
+            growth = peaks[f"{longest:g} min"] / peaks[f"{shortest:g} min"] - 1
             print(f"{step}: peak RSS grows {growth:+.1%} from {shortest:g} to {longest:g} min")
+
+
+def _m4a_row(folder: Path, minutes: float, codebooks: int, mimi: list[str], weights: Path) -> tuple:
+    """Encode a `minutes`-long m4a in its own process: (label, "encode", peak GB, × real time)."""
+    from mimi_cli.codec import read_info
+
+    m4a, packed = folder / f"{minutes:g}min.m4a", folder / f"{minutes:g}min-m4a.mimi"
+    started = time.perf_counter()
+    frames = write_long_m4a(m4a, minutes)
+    took = time.perf_counter() - started
+    print(f"generated {m4a.name} ({m4a.stat().st_size / 1e6:.0f} MB, AAC) in {took:.0f} s", flush=True)
+    common = ["--weights", str(weights), "--device", "cpu", "--quiet", "--force"]
+    report = measure([*mimi, "encode", str(m4a), str(packed), "-k", str(codebooks), *common])
+    header, _ = read_info(packed)
+    if header.original_length != frames:
+        raise SystemExit(f"{packed.name}: holds {header.original_length} samples, the m4a {frames}")
+    row = (f"{minutes:g} min m4a", "encode", report["peak_kib"] / 1024**2, minutes * 60 / report["seconds"])
+    print(f"{row[0]} encode: peak {row[2]:.2f} GB, {row[3]:.1f}× real time", flush=True)
+    m4a.unlink()
+    packed.unlink()
+    return row
 
 
 if __name__ == "__main__":
