@@ -177,11 +177,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 @contextmanager
-def ray_head_on_localhost(cpus: int, environment: dict[str, str] | None = None) -> Iterator[str]:
+def ray_head_on_localhost(
+    cpus: int, environment: dict[str, str] | None = None, temp: Path | None = None
+) -> Iterator[str]:
     """A Ray head on 127.0.0.1 with `cpus` CPUs and a small object store; yields its address.
 
     Every process of it binds and connects on 127.0.0.1 only: `environment` (default `env()`) must hold
-    `RAY_LOOPBACK`, and so must that of whatever joins it.
+    `RAY_LOOPBACK`, and so must that of whatever joins it. `temp`: its temporary folder (logs), a short path.
 
     Stopped at the end with every process of its group: SIGTERM (the --block process stops the node),
     then SIGKILL for anything left.
@@ -189,11 +191,11 @@ def ray_head_on_localhost(cpus: int, environment: dict[str, str] | None = None) 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay short
+    temp = temp or Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths stay short
     command = [
         str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", str(cpus), "--include-dashboard=false", "--object-store-memory", "200000000",
-        "--disable-usage-stats", "--temp-dir", temp,
+        "--disable-usage-stats", "--temp-dir", str(temp),
         "--min-worker-port", "0", "--max-worker-port", "0",  # random ports: no bind checks on 0.0.0.0
     ]  # fmt: skip
     environment = env() if environment is None else environment
@@ -212,6 +214,56 @@ def ray_head_on_localhost(cpus: int, environment: dict[str, str] | None = None) 
         yield address
     finally:
         _stop_group(head)
+
+
+# `ray start --address` refuses a second node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which keeps it on
+# 127.0.0.1), and would take the machine's routable address: Ray's CLI with the guard lifted and the
+# address resolution pinned to 127.0.0.1 (/work/shared/RAY-LOOPBACK.md).
+_RAY_NODE = """
+import sys
+import ray._private.ray_constants as constants
+import ray._private.services as services
+constants.ENABLE_RAY_CLUSTER = True
+services.get_node_ip_address = lambda address=None: "127.0.0.1"
+from ray.scripts.scripts import main
+sys.argv = ["ray", *sys.argv[1:]]
+main()
+"""
+
+
+@contextmanager
+def ray_node_on_localhost(
+    address: str, cpus: int, temp: Path, environment: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
+    """A second Ray node joining the head at `address`, on 127.0.0.1 with ports of its own and its own
+    temporary folder `temp`; yields its `ray start --block` process, the leader of its session (every
+    process of the node stays in it: `loopback.session_pids`). Stopped as the head is."""
+    environment = env() if environment is None else environment
+    command = [
+        sys.executable, "-c", _RAY_NODE, "start", "--block", "--address", address,
+        "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--object-store-memory", "200000000",
+        "--disable-usage-stats", "--temp-dir", str(temp), "--min-worker-port", "0", "--max-worker-port", "0",
+    ]  # fmt: skip
+    node = subprocess.Popen(
+        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while _alive_nodes(address, environment) < 2:
+            if node.poll() is not None:
+                raise RuntimeError("ray start --address exited")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the second Ray node did not join within 3 minutes")
+            time.sleep(1)
+        yield node
+    finally:
+        _stop_group(node)
+
+
+def _alive_nodes(address: str, environment: dict[str, str]) -> int:
+    command = [str(RAY), "status", "--address", address]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    return result.stdout.count("node_") if result.returncode == 0 else 0
 
 
 def _ray_ready(address: str, environment: dict[str, str]) -> bool:

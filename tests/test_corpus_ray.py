@@ -8,12 +8,17 @@ Each run is a `mimi` subprocess, as a user would start it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from corpora import (
     MIMI,
@@ -23,14 +28,23 @@ from corpora import (
     make_table,
     parts,
     ray_head_on_localhost,
+    ray_node_on_localhost,
     read_failures,
     read_rows,
     shard_bytes,
 )
-from loopback import audited, listener_pid, logged_off_loopback, report, session_of, watch
+from loopback import audited, listener_pid, logged_off_loopback, report, session_of, session_pids, watch
+from s3server import SECRET, client, objects, s3_environment, s3_server, upload
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mimi-cli[ray]')")
 K = 8
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """An S3 server on 127.0.0.1 for the session; its endpoint."""
+    with s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +54,16 @@ def head_socket_log(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_head(head_socket_log):
+def head_temp() -> Path:
+    """The head's temporary folder (its logs, and those of the jobs it runs)."""
+    return Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths must stay short
+
+
+@pytest.fixture(scope="session")
+def ray_head(head_socket_log, head_temp):
     """A Ray head on 127.0.0.1 (2 CPUs, small object store), stopped with its processes at the end."""
-    with ray_head_on_localhost(cpus=2, environment=audited(env(), head_socket_log)) as address:
+    environment = audited(env(), head_socket_log)
+    with ray_head_on_localhost(cpus=2, environment=environment, temp=head_temp) as address:
         yield address
 
 
@@ -149,6 +170,80 @@ def test_ray_stays_on_loopback(corpus, tiny_weights, ray_head, head_socket_log, 
     assert (tmp_path / "sockets.log").exists() and head_socket_log.exists(), "no socket call logged"
     outside |= logged_off_loopback(head_socket_log) | logged_off_loopback(tmp_path / "sockets.log")
     assert not outside, f"{len(outside)} Ray sockets off loopback:\n{report(outside)}"
+
+
+def test_two_nodes_through_a_bucket_a_node_killed_mid_run(tiny_weights, ray_head, head_temp, s3, tmp_path):
+    """A second node joins the head; SRC and OUT_DIR are reachable through the S3 server only (the nodes
+    get its endpoint and keys from the job, not from their own environment). The second node is killed
+    (SIGKILL, every process of it) once a shard is out: every row is there once, the shards are those
+    of the local engine byte for byte, and the secret key is in no log of either node nor any output."""
+    client(s3).create_bucket(Bucket="cluster")
+    src = upload(s3, make_many(tmp_path / "many", 16, seconds=1.5), "cluster", "src")
+    aws = env(**s3_environment(s3), AWS_EC2_METADATA_DISABLED="true")
+    reference = tmp_path / "reference"
+    args = [MIMI, "tokenize", src, None, "-w", tiny_weights, "-k", K, "--shard-size", 2, "-q"]
+    done = subprocess.run([str(a) for a in _with(args, reference)], env=aws, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    out = "s3://cluster/tokens"
+    node_temp = Path(tempfile.mkdtemp(prefix="rayn", dir="/tmp"))
+    with ray_node_on_localhost(ray_head, cpus=2, temp=node_temp) as node:
+        command = [*_with(args, out), "--engine", "ray", "--address", ray_head, "--actors", "1"]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        run = subprocess.Popen([str(a) for a in command], env=aws, **pipes)
+        try:
+            deadline = time.monotonic() + 240
+            busy = False
+            while run.poll() is None and time.monotonic() < deadline:
+                shards = [name for name in _names(s3, "cluster", "tokens") if name.startswith("part-")]
+                busy = busy or _ray_workers(node.pid) > 0
+                if shards and busy:
+                    break
+                time.sleep(0.1)
+            assert busy and run.poll() is None, "run over, or second node idle, before the kill"
+            shards_before = len(shards)
+            for pid in session_pids({node.pid}):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stdout, stderr = run.communicate(timeout=300)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    assert shards_before < 8, "the run was over before the kill"  # of 8
+    assert run.returncode == 0, stderr.decode()
+    stored = objects(s3, "cluster", "tokens")
+    assert {n: d for n, d in stored.items() if n.startswith("part-")} == shard_bytes(reference)
+    assert stored["dataset.json"] == (reference / "dataset.json").read_bytes()
+    ids = [i for n in sorted(stored) if n.startswith("part-") for i in _ids(stored[n])]
+    assert len(ids) == len(set(ids)) == 16
+    logs = [p for temp in (node_temp, head_temp) for p in temp.rglob("*") if p.is_file()]
+    assert any("runtime_env" in p.name for p in logs), "no log of either node seen"
+    for data in (stdout, stderr, *(p.read_bytes() for p in logs)):
+        assert SECRET.encode() not in data
+
+
+def _with(args: list, out: object) -> list:
+    return [out if a is None else a for a in args]
+
+
+def _names(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    listing = client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
+    return [entry["Key"][len(prefix) + 1 :] for entry in listing.get("Contents", [])]
+
+
+def _ids(data: bytes) -> list[str]:
+    return pq.read_table(io.BytesIO(data), columns=["id"]).column("id").to_pylist()
+
+
+def _ray_workers(session: int) -> int:
+    """How many Ray worker processes (tasks, actors) the node of `session` runs now."""
+    count = 0
+    for pid in session_pids({session}):
+        try:
+            title = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        count += title.startswith(b"ray::") and b"IDLE" not in title
+    return count
 
 
 def _encoder_worker() -> int | None:

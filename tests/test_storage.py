@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,7 +28,8 @@ SHARD = 3
 
 
 @pytest.fixture(scope="session")
-def s3() -> str:
+def s3() -> Iterator[str]:
+    """An S3 server on 127.0.0.1 for the session; its endpoint."""
     with s3_server() as endpoint:
         yield endpoint
 
@@ -170,13 +172,13 @@ def test_a_rerun_redoes_only_missing_or_stale_shards(clean, reference, tiny_weig
     out = f"s3://{bucket}/rerun"
     args = ("tokenize", clean[1], out, "-w", tiny_weights, "-k", K, "--shard-size", SHARD)
     assert invoke(*args)[0] == 0
-    s3 = client(aws)
+    s3_client = client(aws)
     first = objects(aws, bucket, "rerun")
-    s3.delete_object(Bucket=bucket, Key="rerun/part-00001.parquet")  # missing
-    s3.put_object(
+    s3_client.delete_object(Bucket=bucket, Key="rerun/part-00001.parquet")  # missing
+    s3_client.put_object(
         Bucket=bucket, Key="rerun/part-00002.parquet", Body=first["part-00002.parquet"][:100]
     )  # cut
-    s3.put_object(Bucket=bucket, Key="rerun/part-00007.parquet", Body=b"the plan has no such shard")
+    s3_client.put_object(Bucket=bucket, Key="rerun/part-00007.parquet", Body=b"the plan has no such shard")
     code, output = invoke(*args)
     assert code == 0 and "2 shards written, 1 kept" in output, output
     assert objects(aws, bucket, "rerun") == first  # the stale one removed, the others as they were
@@ -185,8 +187,8 @@ def test_a_rerun_redoes_only_missing_or_stale_shards(clean, reference, tiny_weig
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock(clean, tiny_weights, aws, bucket) -> None:
-    s3 = client(aws)
-    s3.put_object(Bucket=bucket, Key="locked/.mimi-lock", Body=b'{"host": "elsewhere"}')
+    s3_client = client(aws)
+    s3_client.put_object(Bucket=bucket, Key="locked/.mimi-lock", Body=b'{"host": "elsewhere"}')
     code, output = invoke("tokenize", clean[1], f"s3://{bucket}/locked", "-w", tiny_weights, "-k", K)
     assert (
         code == 2
@@ -274,9 +276,9 @@ def test_unreadable_inputs_in_a_bucket_fail_alone(tiny_weights, aws, bucket, tmp
 
 def test_lists_and_tables_in_a_bucket(clean, tiny_weights, aws, bucket, tmp_path) -> None:
     local, url = clean
-    s3 = client(aws)
+    s3_client = client(aws)
     lines = ["a.wav", "sub/c.wav", f"{url}/b.flac"]  # relative to the list, and a URL
-    s3.put_object(
+    s3_client.put_object(
         Bucket=bucket, Key="clean/files.jsonl", Body="".join(json.dumps({"path": p}) + "\n" for p in lines)
     )
     try:
@@ -284,7 +286,7 @@ def test_lists_and_tables_in_a_bucket(clean, tiny_weights, aws, bucket, tmp_path
             "tokenize", f"{url}/files.jsonl", tmp_path / "listed", "-w", tiny_weights, "-k", K
         )
     finally:
-        s3.delete_object(Bucket=bucket, Key="clean/files.jsonl")
+        s3_client.delete_object(Bucket=bucket, Key="clean/files.jsonl")
     assert code == 0, output
     rows = read_rows(tmp_path / "listed")
     assert sorted(rows) == ["a.wav", "b.flac", "sub/c.wav"]  # URLs inside the list's folder: relative ids

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -154,8 +155,6 @@ def run_ray(
             include_dashboard=False if address is None else None,
             logging_level=logging.ERROR,
             log_to_driver=False,
-            # what the workers need to reach the storage: the job's environment, never a task's argument
-            runtime_env={"env_vars": worker_environment()},
         )
     try:
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # configured by Ray Data on import
@@ -177,7 +176,10 @@ def run_ray(
         # Reading runs as tasks of its own: its memory reservation differs from the actors' options,
         # which keeps Ray from fusing both stages into the actors (the GPU would wait for the decoding).
         dataset = dataset.map(
-            _read_row, fn_kwargs={"audio_column": audio_column}, num_cpus=1, memory=READ_MEMORY
+            _read_row,
+            fn_kwargs={"audio_column": audio_column, "storage": ray.put(worker_environment())},
+            num_cpus=1,
+            memory=READ_MEMORY,
         )
         dataset = dataset.map_batches(
             _Encoder,
@@ -210,8 +212,16 @@ def _first_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _read_row(row: dict[str, Any], audio_column: str) -> dict[str, Any]:
-    """Read stage (a Ray task): the unit's audio as one float32 buffer, and what each input was."""
+def _read_row(row: dict[str, Any], audio_column: str, storage: Any) -> dict[str, Any]:
+    """Read stage (a Ray task): the unit's audio as one float32 buffer, and what each input was.
+
+    `storage`: a reference to the driver's storage variables (`storage.worker_environment`). The secrets
+    among them travel as an object only: a task's arguments and a job's runtime_env are written to
+    Ray's logs (the runtime env agent logs every variable), an object's value is not.
+    """
+    import ray
+
+    os.environ.update(ray.get(storage) if isinstance(storage, ray.ObjectRef) else storage)
     unit = [Input(**d) for d in json.loads(row["inputs"])]
     read = read_unit(unit, CellReader(audio_column))
     described = [
