@@ -286,6 +286,24 @@ def test_folder_encode_and_tokenize_take_the_new_suffixes(tmp_path: Path, tiny_w
     assert rows["sub/b.webm"]["sample_rate"] == 48000
 
 
+def test_tokenize_reads_m4a_and_webm_bytes_in_parquet_cells(tmp_path: Path, tiny_weights: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    m4a = write_media(tmp_path / "x.m4a", "ipod", [AudioTrack("aac", 44100, 2)]).read_bytes()
+    webm = write_media(tmp_path / "x.webm", "webm", [AudioTrack("libopus", 48000, 1)]).read_bytes()
+    (tmp_path / "table").mkdir()
+    cells = pa.array([{"bytes": m4a, "path": None}, {"bytes": webm, "path": None}])
+    pq.write_table(pa.table({"audio": cells, "n": [1, 2]}), tmp_path / "table" / "t.parquet")
+    result = mimi("tokenize", tmp_path / "table", tmp_path / "dataset", "-w", tiny_weights, "-k", 4, "-q")
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "dataset")
+    assert [(r["sample_rate"], r["channels"], r["num_samples"]) for _, r in sorted(rows.items())] == [
+        (44100, 2, AudioTrack("aac", 44100, 2).samples.shape[1]),
+        (48000, 1, AudioTrack("libopus", 48000, 1).samples.shape[1]),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -356,6 +374,23 @@ def test_bad_input_is_one_line_and_nothing_written(
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: ") and message in lines[0]
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no output, no temporary file
+
+
+def test_hostile_input_is_bounded(tmp_path: Path, monkeypatch) -> None:
+    """The bounds that stop a demuxer reading in circles or a stream that never decodes, at small limits."""
+    from mimi_cli import media
+
+    path = write_media(tmp_path / "x.m4a", "ipod", [AudioTrack("aac", 24000, 1)])
+    monkeypatch.setattr(media, "READ_SLACK", 0)
+    monkeypatch.setattr(media, "READ_BUDGET", 0.5)
+    with pytest.raises(
+        AudioError, match=re.escape(f"{path}: the demuxer read ") + ".* smaller file; given up"
+    ):
+        read_audio(path)
+    monkeypatch.setattr(media, "READ_BUDGET", 8)
+    monkeypatch.setattr(media, "QUIET_PACKETS", 0)  # AAC's first packet is all priming: it gives nothing
+    with pytest.raises(AudioError, match=re.escape(f"{path}: 0 packets in a row decode to no audio")):
+        read_audio(path)
 
 
 FUZZED = [
