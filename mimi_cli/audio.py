@@ -22,8 +22,12 @@ Pipes: libsndfile has to seek, so a non-seekable input (stdin fed by `ffmpeg -i 
 here. WAV holding plain PCM (8/16/24/32-bit) or float (32/64-bit) samples is parsed and decoded block by
 block by `wavpipe` with libsndfile's own scaling (int / 2**(bits-1); unsigned 8-bit as (x - 128) / 128),
 so it streams in constant memory; a data size of 0xFFFFFFFF or 0 (what current and older ffmpeg write when
-they cannot seek back) means "until the end of the stream". Any other input (FLAC, Ogg, other WAV
-encodings) is spooled to a temporary file and then decoded by libsndfile.
+they cannot seek back) means "until the end of the stream". Any other input (FLAC, Ogg, MP4, other WAV
+encodings) is spooled to a temporary file and then routed like a file (an MP4 often has its index at
+the end, so FFmpeg too would have to seek).
+
+Cut files: where a header states the length exactly (an MP3's Xing/Info/VBRI frame count, Matroska's
+duration) a decode that ends more than CUT_SECONDS short of it is an AudioError, not a shorter input.
 
 Outputs: WAV and FLAC are 16-bit PCM, x -> clamp(round(x * 32768), -32768, 32767), i.e. clipped to
 [-1, 1], so reading back returns x to within 2**-16; Ogg is Vorbis from the clipped float32 samples.

@@ -260,6 +260,13 @@ def test_stream_option_picks_an_audio_stream_of_a_video(tmp_path: Path, tiny_wei
     assert result.output.strip() == f"error: {film}: has 2 audio stream(s), numbered from 0; no stream 2"
     assert not (tmp_path / "none.mimi").exists()
     assert probe(Track(film, 1)).channels == 2
+    # Folders: every file's stream 1.
+    (tmp_path / "films").mkdir()
+    film.rename(tmp_path / "films" / "film.mp4")
+    result = mimi("encode", tmp_path / "films", tmp_path / "out", "--stream", 1, "-w", tiny_weights, "-q")
+    assert result.exit_code == 0, result.output
+    header, _ = read_codes(open(tmp_path / "out" / "film.mimi", "rb"))
+    assert (header.original_sample_rate, header.original_length) == (second.rate, second.samples.shape[1])
 
 
 def test_folder_encode_and_tokenize_take_the_new_suffixes(tmp_path: Path, tiny_weights: Path) -> None:
