@@ -12,6 +12,7 @@ only. ray is imported by the Ray engine only.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -223,7 +224,7 @@ def _read_row(row: dict[str, Any], audio_column: str, storage: Any) -> dict[str,
 
     os.environ.update(ray.get(storage) if isinstance(storage, ray.ObjectRef) else storage)
     unit = [Input(**d) for d in json.loads(row["inputs"])]
-    read = read_unit(unit, CellReader(audio_column))
+    read = read_unit(unit, _worker_cells(audio_column))
     described = [
         {"error": r.error}
         if isinstance(r, Failed)
@@ -239,6 +240,13 @@ def _read_row(row: dict[str, Any], audio_column: str, storage: Any) -> dict[str,
         "read": json.dumps(described),
         "audio": data,
     }
+
+
+@functools.cache
+def _worker_cells(audio_column: str) -> CellReader:
+    """One reader per worker process: the read tasks it runs share its row groups and tar cursors (a
+    tar is streamed on from where the previous unit left it, not from its start)."""
+    return CellReader(audio_column)
 
 
 class _Encoder:

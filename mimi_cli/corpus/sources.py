@@ -1,12 +1,15 @@
-"""What `mimi tokenize` reads: a folder, a list of paths, or Parquet tables; inputs in a fixed order.
+"""What `mimi tokenize` reads: a folder, a list of paths, Parquet tables or WebDataset tars; inputs in
+a fixed order. Each may be local or in a bucket (`storage`).
 
-Three kinds of SRC, each turned into a sorted list of `Input`s:
+Four kinds of SRC, each turned into a sorted list of `Input`s:
 
     folder/              every audio file below it (as folder encode finds them); id = relative path
     list.txt | .jsonl    one path per line (jsonl: {"path": ...}); relative to the list's folder;
                          id = the path relative to the list's folder if inside it, else as written
     table.parquet | dir/ Hugging Face `datasets` audio layout: a column struct<bytes, path>;
                          id = "<file relative to SRC>:<row>"; the other columns are carried
+    shard-*.tar | dir/   WebDataset tars (a glob, a file, or a folder of them): one input per key,
+                         id = "<tar relative to SRC>/<key>"; .json/.txt members carried (`webdataset`)
 
 An input's `signature` (size and mtime of the file that holds it) goes into its shard's key, so a
 changed file makes its shard be redone. pyarrow is imported by the functions that read tables only.
@@ -29,7 +32,8 @@ import numpy as np
 
 from ..audio import AudioInfo, read_audio
 from ..errors import MimiError
-from . import storage
+from . import storage, webdataset
+from .webdataset import TAR_SUFFIX
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -46,17 +50,24 @@ class Input:
     id: str
     path: str  # the audio file, or the Parquet file holding the cell
     row: int = NO_ROW
-    signature: str = ""  # "size:mtime_ns" of `path`
+    signature: str = ""  # "size:mtime_ns" of `path` (of an object: "size:ETag")
+    member: str | None = None  # a tar's key: its audio member ("" when it has none, or several)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "row": self.row, "signature": self.signature}
+        return {
+            "id": self.id,
+            "path": self.path,
+            "row": self.row,
+            "signature": self.signature,
+            "member": self.member,
+        }
 
 
 @dataclass
 class Source:
     """SRC resolved: its kind, the inputs in order, and for tables the carried columns (one row per input)."""
 
-    kind: str  # "folder", "list" or "table"
+    kind: str  # "folder", "list", "table" or "webdataset"
     inputs: list[Input]
     carried: pa.Table | None = None
 
@@ -65,6 +76,8 @@ def open_source(src: str, audio_column: str = "audio", out_dir: str | None = Non
     """Resolve SRC (a path or a URL) into its inputs (sorted) and carried columns; errors name SRC and
     the problem. `out_dir` is never read as input, even inside SRC."""
     src = storage.normalize(src)
+    if any(c in storage.basename(src) for c in "*?["):
+        return _tar_source(storage.parent(src), _glob_tars(src))
     kind = storage.kind(src)
     if kind == "missing":
         raise MimiError(f"{src}: no such file or folder")
@@ -80,6 +93,13 @@ def open_source(src: str, audio_column: str = "audio", out_dir: str | None = Non
         )
         if tables:
             return _table_source(src, [(str(p), _signature(p)) for p in tables], audio_column)
+        tars = sorted(
+            p
+            for p in root.rglob(f"*{TAR_SUFFIX}")
+            if not _hidden(p.relative_to(root)) and not p.resolve().is_relative_to(skip)
+        )
+        if tars:
+            return _tar_source(src, [(str(p), _signature(p)) for p in tars])
         return _folder_source(root, skip)
     suffix = posixpath.splitext(storage.basename(src))[1].lower()
     if suffix == PARQUET_SUFFIX:
@@ -87,7 +107,9 @@ def open_source(src: str, audio_column: str = "audio", out_dir: str | None = Non
         return _table_source(storage.parent(src), [(src, signature)], audio_column)
     if suffix in LIST_SUFFIXES:
         return _list_source(src)
-    raise MimiError(f"{src}: not a folder, a list (.txt, .jsonl) or a Parquet file")
+    if suffix == TAR_SUFFIX:
+        return _tar_source(storage.parent(src), [(src, _any_signature(src))])
+    raise MimiError(f"{src}: not a folder, a list (.txt, .jsonl), a Parquet file or a tar")
 
 
 def _hidden(relative: Path) -> bool:
@@ -131,6 +153,9 @@ def _remote_folder(src: str, audio_column: str, out_dir: str | None) -> Source:
     tables = [found[r] for r in sorted(found) if r.lower().endswith(PARQUET_SUFFIX)]
     if tables:
         return _table_source(src, tables, audio_column)
+    tars = [found[r] for r in sorted(found) if r.lower().endswith(TAR_SUFFIX)]
+    if tars:
+        return _tar_source(src, tars)
     inputs = [
         Input(r, url, NO_ROW, signature)
         for r, (url, signature) in sorted(found.items())
@@ -196,6 +221,48 @@ def _list_entry(src: str, number: int, line: str) -> str | None:
     return record["path"]
 
 
+# ---------------------------------------------------------------------------------------------- tars
+
+
+def _glob_tars(pattern: str) -> list[tuple[str, str]]:
+    """The tars a glob names (`shards/train-*.tar`, `s3://b/p/train-*.tar`), sorted, with signatures."""
+    if storage.is_url(pattern):
+        fs, path = storage.filesystem(pattern)
+        scheme = pattern.partition("://")[0]
+        found = storage.call(pattern, lambda: fs.glob(path, detail=True), "cannot list:")
+        matches = [(f"{scheme}://{p}", storage.signature(info)) for p, info in sorted(found.items())]
+    else:
+        import glob
+
+        matches = [(p, _signature(p)) for p in sorted(glob.glob(pattern)) if os.path.isfile(p)]
+    if not matches:
+        raise MimiError(f"{pattern}: matches no file")
+    others = [where for where, _ in matches if not where.lower().endswith(TAR_SUFFIX)]
+    if others:
+        raise MimiError(f"{others[0]}: a glob SRC names WebDataset tars only (.tar)")
+    return matches
+
+
+def _tar_source(root: str, tars: list[tuple[str, str]]) -> Source:
+    """WebDataset shards: one input per key, id "<tar relative to root>/<key>", in tar order; the .json
+    and .txt members carried as string columns named by their extension."""
+    import pyarrow as pa
+
+    inputs: list[Input] = []
+    texts: list[dict[str, str]] = []
+    for where, signature in tars:
+        name = storage.relative_to(where, root) or storage.basename(where)
+        for row, entry in enumerate(webdataset.scan(where)):
+            member = "" if entry.problem else entry.audio
+            inputs.append(Input(f"{name}/{entry.key}", where, row, signature, member))
+            texts.append(entry.texts)
+    if not inputs:
+        raise MimiError(f"{root}: the tars hold no files")
+    names = sorted({n for t in texts for n in t})
+    columns = {n: pa.array([t.get(n) for t in texts], pa.string()) for n in names}
+    return Source("webdataset", inputs, pa.table(columns) if columns else None)
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -244,7 +311,8 @@ def _check_audio_column(path: str, schema: pa.Schema, column: str) -> None:
 
 
 class CellReader:
-    """Reads the audio cells of Parquet rows, a row group at a time, keeping the last few row groups.
+    """Reads the audio cells of Parquet rows, a row group at a time, keeping the last few row groups
+    (and the audio members of tars, through `tars`).
 
     Thread-safe: the local engine's reading threads share one.
     """
@@ -253,6 +321,7 @@ class CellReader:
         self.column, self.keep = audio_column, keep
         self._groups: OrderedDict[tuple[str, int], tuple[int, list[Any]]] = OrderedDict()
         self._starts: dict[str, list[int]] = {}  # per file: the first row of each row group, and the count
+        self.tars = webdataset.TarReader()
         self._lock = threading.Lock()
 
     def cell(self, path: str, row: int) -> dict[str, Any] | None:
@@ -292,6 +361,10 @@ def read_input(item: Input, cells: CellReader) -> tuple[np.ndarray, AudioInfo]:
     """
     if item.row == NO_ROW:
         return _read_file(item.path)
+    if item.member is not None:
+        if not item.member:
+            raise MimiError(f"{item.id}: no audio member in the tar, or more than one")
+        return _read_stream(cells.tars.member(item.path, item.member), item.id)
     cell = cells.cell(item.path, item.row)
     data = cell.get("bytes") if isinstance(cell, dict) else None
     if data:
