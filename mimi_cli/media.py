@@ -155,7 +155,8 @@ class MediaReader:
                 break
             if trim and packet.size and packet.pts is not None and packet.duration:
                 stop = self._samples_at(packet.pts + packet.duration)
-                end = stop if end is None or stop is None else max(end, stop)
+                if stop is not None:
+                    end = stop if end is None else max(end, stop)
             decoded = self._call("cannot decode audio", lambda packet=packet: self.stream.decode(packet))
             produced = False
             for frame in decoded:
@@ -179,12 +180,11 @@ class MediaReader:
             raise AudioError(
                 f"{self.name}: sample rate changes mid-stream ({self.sample_rate} -> {frame.sample_rate})"
             )
+        channels = len(frame.layout.channels)
+        if channels != self.channels:
+            raise AudioError(f"{self.name}: channel count changes mid-stream ({self.channels} -> {channels})")
         data = frame.to_ndarray()
-        data = data.T if frame.format.is_planar else data.reshape(-1, self.channels)
-        if data.shape[1] != self.channels:
-            raise AudioError(
-                f"{self.name}: channel count changes mid-stream ({self.channels} -> {data.shape[1]})"
-            )
+        data = data.T if frame.format.is_planar else data.reshape(-1, channels)
         if data.dtype == np.float32:
             return np.ascontiguousarray(data)
         if data.dtype == np.uint8:
