@@ -291,6 +291,16 @@ def test_folder_encode_and_tokenize_take_the_new_suffixes(tmp_path: Path, tiny_w
     assert sorted(rows) == ["a.m4a", "c.mka", "d.mp4", "e.wav", "sub/b.webm"]
     assert rows["a.m4a"]["num_samples"] == AudioTrack("aac", 24000, 1).samples.shape[1]
     assert rows["sub/b.webm"]["sample_rate"] == 48000
+    # And back: detokenize takes the new output formats (audio.OUTPUT_FORMATS) by --format.
+    back = tmp_path / "back"
+    result = mimi(
+        "detokenize", tmp_path / "dataset", back, "--format", "m4a", "-r", "original", "-w", tiny_weights
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted(p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file())
+    assert written == ["a.m4a", "c.m4a", "d.m4a", "e.m4a", "sub/b.m4a"]
+    audio, info = read_audio(back / "sub" / "b.m4a", target_rate=None)
+    assert (info.subtype, info.sample_rate, len(audio)) == ("AAC", 48000, rows["sub/b.webm"]["num_samples"])
 
 
 def test_tokenize_reads_m4a_and_webm_bytes_in_parquet_cells(tmp_path: Path, tiny_weights: Path) -> None:
