@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+import torch
+from propagation import decoder_bound
 from signals import noise, speech_like
 
 from mimi_cli import load_model
@@ -29,7 +31,6 @@ from mimi_cli.wavpipe import parse_header, stream_header
 
 MIMI = Path(sys.executable).with_name("mimi")
 FRAMES_PER_NEAR_TIE = 200  # a float-rounding near-tie may flip a code (and the later ones of its frame)
-MAX_AUDIO_DIFF = 1e-4
 WAIT = 120  # seconds: generous bounds for a loaded machine, never a timing assertion
 FRAME = 1920
 
@@ -120,7 +121,12 @@ def test_live_decode_equals_offline(tiny, tmp_path):
     live = np.fromfile(tmp_path / "live.f32", "<f4")
     frames = -(-len(offline) // FRAME)
     assert len(live) == frames * FRAME  # whole frames: the end padding is not trimmed live
-    assert np.abs(live[: len(offline)] - offline).max() <= 2**-15 + MAX_AUDIO_DIFF  # offline is 16-bit
+    with (tmp_path / "a.mimi").open("rb") as f:
+        codes = torch.from_numpy(read_codes(f)[1])[None]
+    bound = decoder_bound(tiny, codes, torch.from_numpy(live))  # the rounding bound (propagation.py)
+    bound.check(torch.from_numpy(live), "live")
+    assert np.abs(live).max() < 1  # no clipping in the 16-bit file: it is within 2⁻¹⁶ of its floats
+    bound.before(len(offline)).check(torch.from_numpy(offline), "offline, 16-bit", allowance=2**-16)
     assert summary.frames == frames and len(summary.frame_seconds) == 1  # one chunk, one model call
 
     # the first K codebooks only, resampled, two interleaved channels

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 from codes import flipped_decisions
+from propagation import decoder_bound
 from signals import noise, speech_like
 
 from mimi_cli import load_model
@@ -20,7 +21,12 @@ transformers = pytest.importorskip("transformers", reason="transformers is the t
 # We accept at most this fraction of flipped decisions: codes that differ where every earlier
 # codebook of the frame agreed.
 MAX_CODE_MISMATCH = 0.001
+# Decoded audio: each model within the whole network's rounding bound (tests/propagation.py) of the
+# exact decode, on the short signals; on the long ones, where that bound takes minutes, the difference
+# (2e-6 observed on every machine so far) is held to a fixed 1e-4, below the ~2e-4 the bound gives
+# the full-size model on 1 s and 25 s.
 MAX_AUDIO_DIFF = 1e-4
+BOUNDED_SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,12 @@ def test_codes_and_audio_match_transformers(ours, reference, make_signal, second
     decoded = ours.decode(expected)
     assert decoded.shape == expected_audio.shape == (1, 1, frames * 1920)
     assert expected_audio.abs().max() > 0.05  # a silent decoder would make the check vacuous
-    assert (decoded - expected_audio).abs().max().item() <= MAX_AUDIO_DIFF
+    if seconds <= BOUNDED_SECONDS:
+        bound = decoder_bound(ours, expected, decoded, expected_audio, count=2)  # (full size: few)
+        bound.check(decoded, "ours")
+        bound.check(expected_audio, "transformers")  # it evaluates the same operations
+    else:
+        assert (decoded - expected_audio).abs().max().item() <= MAX_AUDIO_DIFF
 
 
 def test_decode_trims_to_requested_length(ours):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from codes import flipped_decisions
+from propagation import decoder_bound
 from signals import noise, speech_like
 
 from mimi_cli import load_model
@@ -12,6 +13,9 @@ from mimi_cli.config import FRAME_SIZE
 from mimi_cli.model import StreamingDecoder, StreamingEncoder
 
 MAX_CODE_MISMATCH = 0.001  # float-rounding ties, as in the parity tests
+# Decoded audio is checked against the whole network's rounding bound (tests/propagation.py), but for
+# the full-size model on 25 s, where that bound takes minutes: there the difference of 1e-6 observed
+# on every machine so far is held to a fixed 1e-4, below the bound of ~2e-4 found on 1 s and 25 s.
 MAX_AUDIO_DIFF = 1e-4
 
 
@@ -40,20 +44,34 @@ def tiny(tiny_weights):
     return load_model(tiny_weights)
 
 
+@pytest.fixture(scope="module")
+def decoded(tiny):
+    """For each signal: its whole-pass decode, and the rounding bound of any decode of its codes (at
+    positions where that one and a one-frame streamed decode depart most, and spread over it)."""
+    out = {}
+    for make_signal in (speech_like, noise):
+        codes = tiny.encode(torch.from_numpy(make_signal(6.3))[None, None], 32, chunk_frames=None)
+        whole = tiny.decode(codes, chunk_frames=None)
+        bound = decoder_bound(tiny, codes, whole, _stream_decode(tiny, codes, 1))
+        bound.check(whole, "one pass")
+        out[make_signal] = whole, bound
+    return out
+
+
 @pytest.mark.parametrize("chunk", [333, 1920, 1921, 4097, 24_000, 10**6])
 @pytest.mark.parametrize("make_signal", [speech_like, noise])
-def test_tiny_stream_equals_whole(tiny, chunk, make_signal):
+def test_tiny_stream_equals_whole(tiny, decoded, chunk, make_signal):
     # the tiny model's attention window is 10 steps (0.4 s): 6.3 s is far past it
     audio = torch.from_numpy(make_signal(6.3))[None, None]
     whole = tiny.encode(audio, 32, chunk_frames=None)
     assert whole.shape[-1] == -(-audio.shape[-1] // 1920)
     _assert_codes_match(_stream_encode(tiny, audio, chunk, 32), whole)
 
-    whole_audio = tiny.decode(whole, chunk_frames=None)
-    frames = max(1, chunk // 1920)
-    streamed_audio = _stream_decode(tiny, whole, frames)
+    whole_audio, bound = decoded[make_signal]
+    assert torch.equal(tiny.decode(whole, chunk_frames=None), whole_audio)  # the codes decoded there
+    streamed_audio = _stream_decode(tiny, whole, max(1, chunk // 1920))
     assert streamed_audio.shape == whole_audio.shape
-    assert (streamed_audio - whole_audio).abs().max().item() <= MAX_AUDIO_DIFF
+    bound.check(streamed_audio, f"streamed in calls of {max(1, chunk // 1920)} frames")
 
 
 @pytest.mark.parametrize("samples", [0, 1, 1919, 1920, 1921, 3840])
@@ -85,8 +103,10 @@ def test_encode_default_chunking_equals_one_pass(tiny):
     audio = torch.from_numpy(noise(4.0))[None, None]
     _assert_codes_match(tiny.encode(audio, 16, chunk_frames=7), tiny.encode(audio, 16, chunk_frames=None))
     codes = tiny.encode(audio, 16)
-    decoded = tiny.decode(codes, chunk_frames=3)
-    assert (decoded - tiny.decode(codes, chunk_frames=None)).abs().max().item() <= MAX_AUDIO_DIFF
+    chunked, whole = tiny.decode(codes, chunk_frames=3), tiny.decode(codes, chunk_frames=None)
+    bound = decoder_bound(tiny, codes, chunked, whole)
+    bound.check(chunked, "decoded 3 frames at a time")
+    bound.check(whole, "one pass")
 
 
 @pytest.mark.parametrize("samples, frames", [(7777, 29), (FRAME_SIZE, 1)])
