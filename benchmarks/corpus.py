@@ -8,6 +8,12 @@ What it measures (everything under a temporary directory):
     local, 1 torch thread   the same with OMP_NUM_THREADS=1, as in a Ray encoder actor of 1 CPU
     ray (own)    --engine ray: a Ray instance started for the run and stopped after it
     ray (head)   --engine ray --address: a Ray head already running on 127.0.0.1 (started here)
+    s3 → s3      --engine local, SRC and OUT_DIR in a bucket of moto's S3 server on 127.0.0.1
+    s3, ray 2 nodes   --engine ray --address: the head and a second node (each its own `ray start` on
+                 127.0.0.1), SRC and OUT_DIR in the bucket
+  and a listing: `open_source` of a prefix of 100,000 objects made in the server (its wall time, the
+  listing process's CPU time and peak memory; moto pages a listing in time linear in the bucket, so the
+  wall time is mostly the server's: the CPU time and memory are ours).
 
 How to read it: "h audio / h" is hours of audio tokenised per hour of wall time (= × real time),
 end to end (interpreter start-up, weight loading and, for Ray, joining or starting the cluster and
@@ -17,8 +23,9 @@ more machines. All runs must write the same rows, their codes equal but for floa
 (at most 0.1 % of quantizer decisions flipped, as the suite allows); the script checks that. It also
 measures the share of the CPUs other processes used during each run (noisy above 10 %).
 
-`--smoke` checks the script in seconds: 6 files, a tiny model, the local engine's two runs only (Ray
-takes seconds to start a cluster and its actors; tests/test_corpus_ray.py covers that engine).
+`--smoke` checks the script in seconds: 6 files, a tiny model, the local engine's two runs and S3 → S3,
+a listing of 1,000 objects (Ray takes seconds to start a cluster and its actors; tests/test_corpus_ray.py
+covers that engine).
 
 (The file is not named tokenize.py: a script's folder goes first on sys.path, and a `tokenize.py`
 there would shadow the standard library's `tokenize`, which torch imports.)
@@ -27,11 +34,14 @@ there would shadow the standard library's `tokenize`, which torch imports.)
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +55,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from batch import BUSY, SEED, make_files, run_measured  # noqa: E402
 from codes import flipped_decisions  # noqa: E402  (tests/: how the suite counts near-tie flips)
 from corpora import env as ray_env  # noqa: E402
-from corpora import parts, ray_head_on_localhost  # noqa: E402
+from corpora import parts, ray_head_on_localhost, ray_node_on_localhost  # noqa: E402
 from machine import describe, header, load_average  # noqa: E402  (benchmarks/, the script's folder)
+from s3server import client, objects, s3_environment, s3_server, upload  # noqa: E402
 from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli.config import MimiConfig  # noqa: E402
@@ -56,18 +67,58 @@ MAX_FLIPPED = 0.001  # the suite's MAX_CODE_MISMATCH (tests/test_streaming.py, t
 
 
 def tokenize(
-    src: Path, out: Path, weights: Path, options: list[str], shard_size: int, threads: int | None
+    src: str,
+    out: str,
+    weights: Path,
+    options: list[str],
+    shard_size: int,
+    threads: int | None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One `mimi tokenize` run into a fresh `out`: wall seconds, its JSON summary, others' CPU share.
+    """One `mimi tokenize` run into a fresh `out` (a folder, or a prefix the caller emptied): wall
+    seconds, its JSON summary, others' CPU share.
 
     `threads`: torch threads of the local engine (None: torch's default, one per core)."""
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(MIMI), "tokenize", str(src), str(out), "-w", str(weights), "--json", "-q"]
+    if "://" not in out:
+        shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(MIMI), "tokenize", src, out, "-w", str(weights), "--json", "-q"]
     cmd += ["--shard-size", str(shard_size), *options]
-    environment = {k: v for k, v in ray_env().items() if k != "OMP_NUM_THREADS"}
+    environment = {k: v for k, v in ray_env(**(extra_env or {})).items() if k != "OMP_NUM_THREADS"}
     if threads is not None:
         environment["OMP_NUM_THREADS"] = str(threads)
     return run_measured(cmd, environment)
+
+
+LISTING = """
+import json, resource, sys, time
+from mimi_cli.corpus.sources import open_source
+start = time.perf_counter()
+source = open_source(sys.argv[1])
+seconds = time.perf_counter() - start
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"inputs": len(source.inputs), "seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime,
+                  "peak_mib": usage.ru_maxrss / 1024}))
+"""
+
+
+def listing(endpoint: str, count: int) -> dict[str, Any]:
+    """`count` objects made in the server's bucket (directly in its backend: fast), then SRC listed by
+    `open_source` in a process of its own: wall seconds, CPU seconds and peak memory of that process."""
+    from moto.backends import get_backend
+
+    client(endpoint).create_bucket(Bucket="listing")
+    backend = get_backend("s3")["123456789012"]["global"]
+    for i in range(count):
+        backend.put_object("listing", f"many/d{i % 100:02d}/f{i:06d}.wav", b"RIFF")
+    environment = ray_env(**s3_environment(endpoint))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", LISTING, "s3://listing/many"], env=environment, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"listing {count} objects: exit {proc.returncode}\n{proc.stderr.strip()}")
+    return {"objects": count, "wall": wall, **json.loads(proc.stdout)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,8 +146,19 @@ def main(argv: list[str] | None = None) -> None:
 
         def measure(label: str, options: list[str], threads: int | None = None) -> None:
             out = work / "out"
-            results[label] = tokenize(work / "in", out, weights, options, args.shard_size, threads)
+            results[label] = tokenize(str(work / "in"), str(out), weights, options, args.shard_size, threads)
             shards[label] = {p.name: pq.read_table(p) for p in parts(out)}
+
+        def measure_s3(label: str, endpoint: str, options: list[str]) -> None:
+            prefix = label.replace(" ", "-").replace(",", "").replace("→", "to")
+            src, out = "s3://bench/in", f"s3://bench/{prefix}"
+            results[label] = tokenize(
+                src, out, weights, options, args.shard_size, None, s3_environment(endpoint)
+            )
+            stored = objects(endpoint, "bench", prefix)
+            shards[label] = {
+                n: pq.read_table(io.BytesIO(d)) for n, d in stored.items() if n.startswith("part-")
+            }
 
         measure("local", ["--engine", "local"])
         measure("local, 1 torch thread", ["--engine", "local"], threads=1)
@@ -104,6 +166,18 @@ def main(argv: list[str] | None = None) -> None:
             measure("ray (own)", ["--engine", "ray"])
             with ray_head_on_localhost(cpus=os.cpu_count() or 1) as address:
                 measure("ray (head)", ["--engine", "ray", "--address", address])
+        with s3_server() as endpoint:
+            client(endpoint).create_bucket(Bucket="bench")
+            upload(endpoint, work / "in", "bench", "in")
+            measure_s3("s3 → s3", endpoint, ["--engine", "local"])
+            if not args.smoke:
+                cpus = max(1, (os.cpu_count() or 2) // 2)
+                with ray_head_on_localhost(cpus=cpus) as address:
+                    with ray_node_on_localhost(
+                        address, cpus, Path(tempfile.mkdtemp(prefix="rayn", dir="/tmp"))
+                    ):
+                        measure_s3("s3, ray 2 nodes", endpoint, ["--engine", "ray", "--address", address])
+            info["listing"] = listing(endpoint, 1000 if args.smoke else 100_000)
         info["load_after"] = load_average()
         info["agreement"] = compare_shards(shards)
     report(info, results)
@@ -169,6 +243,12 @@ def report(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
         f"same files, rows and columns: {'yes' if agreement['same_rows'] else 'NO'}; "
         f"flipped quantizer decisions: {agreement['flipped']:.4%} of {agreement['decisions']} "
         f"(at most {MAX_FLIPPED:.1%}: float-rounding near-ties between thread counts)"
+    )
+    listed = info["listing"]
+    print(
+        f"\nlisting s3://listing/many ({listed['objects']:,} objects in moto, 100 folders): "
+        f"{listed['inputs']:,} inputs in {listed['seconds']:.1f} s (process: {listed['wall']:.1f} s wall, "
+        f"{listed['cpu']:.1f} s CPU, peak {listed['peak_mib']:.0f} MiB)"
     )
     busiest = max((r["others"] for r in results.values() if r["others"] is not None), default=0.0)
     if busiest > BUSY:

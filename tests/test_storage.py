@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -316,3 +317,11 @@ def test_faults_on_the_way_lose_and_double_nothing(clean, reference, tiny_weight
     assert_same_shards(stored, reference)
     assert stored["dataset.json"] == (reference / "dataset.json").read_bytes()
     assert ".mimi-lock" not in stored
+
+
+def test_without_the_storage_extra_a_url_says_how_to_install_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` raises ImportError
+    monkeypatch.setenv(storage.OPTIONS_ENV, '{"anon": true}')  # a file system not built before
+    code, output = invoke("tokenize", "s3://somewhere/corpus", tmp_path / "out", "-w", tmp_path / "none")
+    assert code == 2 and "s3:// needs s3fs: pip install 'mimi-cli[storage]'" in output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -327,6 +327,8 @@ def kind(where: str) -> str:
             return "file"
         if call(where, lambda: fs.isdir(path)):
             return "dir"
+    if where.startswith("hf://"):
+        return "missing"
     bucket = path.strip("/").split("/")[0]  # listing it says whether it exists and may be read
     call(where, lambda: fs.ls(bucket, detail=False))
     return "missing" if "/" in path.strip("/") else "dir"
@@ -434,7 +436,7 @@ class Folder:
         try:
             call(target, lambda: fs.pipe_file(path, data, mode="create"), "cannot write:")
         except MimiError as e:
-            if "condition" not in str(e).lower():
+            if not any(word in str(e).lower() for word in ("condition", "exist")):  # 412 (S3), FileExists
                 raise
             # refused: another run's, or ours when a retried PUT follows one that did land
             return call(target, lambda: fs.cat_file(path)) == data
