@@ -200,6 +200,29 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(clean, tiny_weights, a
     assert set(objects(aws, bucket, "locked")) == {".mimi-lock"}  # nothing written
 
 
+def test_two_runs_at_once_one_dataset_or_one_line(clean, reference, tiny_weights, s3, bucket) -> None:
+    """Two runs started together into one prefix: one writes the dataset, the other is refused in one
+    line (or, had it started after the first ended, finds every shard done)."""
+    args = ["tokenize", clean[1], f"s3://{bucket}/twice", "-w", tiny_weights, "-k", K, "--shard-size", SHARD]
+    environment = env(**{**s3_environment(s3), "AWS_EC2_METADATA_DISABLED": "true"})
+    runs = [
+        subprocess.Popen([str(MIMI), *map(str, args)], env=environment, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = sorted((run.wait(timeout=300), run.stderr.read()) for run in runs)
+    for run in runs:
+        run.stderr.close()
+    (first, _), (second, refusal) = results
+    assert first == 0
+    if second == 2:
+        assert "another run is writing this dataset" in refusal and len(refusal.strip().splitlines()) == 1
+    else:
+        assert second == 0 and "0 shards written" in refusal
+    stored = objects(s3, bucket, "twice")
+    assert_same_shards(stored, reference)
+    assert ".mimi-lock" not in stored
+
+
 def test_the_lock_is_a_conditional_put(aws, bucket) -> None:
     folder = storage.Folder(f"s3://{bucket}/lock-check")
     assert folder.create("lock", b"first")

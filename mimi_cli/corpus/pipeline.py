@@ -8,6 +8,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +81,9 @@ def tokenize(
         metas: dict[int, dict[str, Any]] = {}
         if not opts.force:
             present = set(names)
-            for shard in shards:
-                meta = completed(folder, shard, present)
-                if meta is not None:
-                    metas[shard.index] = meta
+            with ThreadPoolExecutor(16 if folder.remote else 1) as pool:  # a bucket: footers read in parallel
+                found = pool.map(lambda shard: completed(folder, shard, present), shards)
+                metas = {s.index: meta for s, meta in zip(shards, found, strict=True) if meta is not None}
         todo = [s for s in shards if s.index not in metas]
 
         def carried(shard: Shard) -> Any:
