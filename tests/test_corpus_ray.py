@@ -33,7 +33,17 @@ from corpora import (
     read_rows,
     shard_bytes,
 )
-from loopback import audited, listener_pid, logged_off_loopback, report, session_of, session_pids, watch
+from loopback import (
+    audited,
+    listener_pid,
+    logged_off_loopback,
+    off_loopback,
+    report,
+    session_of,
+    session_pids,
+    sessions_sockets,
+    watch,
+)
 from s3server import SECRET, client, objects, s3_environment, s3_server, upload
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mimi-cli[ray]')")
@@ -201,6 +211,9 @@ def test_two_nodes_through_a_bucket_a_node_killed_mid_run(tiny_weights, ray_head
                 time.sleep(0.1)
             assert busy and run.poll() is None, "run over, or second node idle, before the kill"
             shards_before = len(shards)
+            held = sessions_sockets({node.pid})  # the second node's sockets, mid-run
+            outside = [str(sock) for sockets in held.values() for sock in sockets if off_loopback(sock)]
+            assert held and not outside, f"the second node off loopback: {outside[:5]}"
             for pid in session_pids({node.pid}):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
