@@ -152,20 +152,69 @@ PRODUCTS = {"linear", "conv2d", "matmul", "__matmul__"}
 
 
 class _Bounds:
-    def bound_at(self: _Sites, flat: torch.Tensor, positions: torch.Tensor) -> ErrorBound:
-        """One backward pass per position of `flat` (an output computed under these sites)."""
-        worst, likely = [], []
+    def bound_at(
+        self: _Sites, flat: torch.Tensor, positions: torch.Tensor, upstream: _Upstream | None = None
+    ) -> ErrorBound:
+        """One backward pass per position of `flat` (an output computed under these sites, and under
+        `upstream`'s sites before its `leaf`)."""
+        worst, squares, carried = [], [], []
+        leaf = [] if upstream is None else [upstream.leaf]
         for i in positions.tolist():
-            grads = torch.autograd.grad(flat[i], self.perturbations, retain_graph=True, allow_unused=True)
-            total, squares = flat.new_zeros(()), flat.new_zeros(())
-            for g, (b, n) in zip(grads, self.bounds, strict=True):
-                if g is not None:
-                    g = g.reshape(-1)
-                    total += g.abs() @ b
-                    squares += (g * b).square().sum() / n
+            grads = torch.autograd.grad(
+                flat[i], self.perturbations + leaf, retain_graph=True, allow_unused=True
+            )
+            total, square = _sums(
+                [g[None] for g in grads[: len(self.bounds)] if g is not None],
+                [site for g, site in zip(grads, self.bounds, strict=False) if g is not None],
+            )
+            worst.append(total[0])
+            squares.append(square[0])
+            if upstream is not None:
+                carried.append(torch.zeros_like(upstream.leaf) if grads[-1] is None else grads[-1])
+        worst, squares = torch.stack(worst), torch.stack(squares)
+        if upstream is not None:
+            more_worst, more_squares = upstream.carry(torch.stack(carried))
+            worst, squares = worst + more_worst, squares + more_squares
+        return ErrorBound(positions, flat.detach()[positions], LAMBDA * squares.sqrt(), worst)
+
+
+def _sums(grads: Sequence[torch.Tensor], bounds: Sequence[tuple[torch.Tensor, int]]) -> tuple:
+    """For gradients [P, ...] of sites with bounds (bₛ, nₛ): Σ |g|·b and Σ (g·b)²/n, each [P]."""
+    worst = squares = 0
+    for g, (b, n) in zip(grads, bounds, strict=True):
+        g = g.reshape(g.shape[0], -1)
+        worst = worst + g.abs() @ b
+        squares = squares + (g * b).square().sum(1) / n
+    return worst, squares
+
+
+@dataclass
+class _Upstream:
+    """Sites run before `leaf` (a detached copy of their `output`), whose share of a bound is carried
+    from the gradients at `leaf`: batched backward passes, `chunk` positions at a time."""
+
+    sites: _Sites
+    output: torch.Tensor
+    leaf: torch.Tensor
+    chunk: int = 4
+
+    def carry(self, gradients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        worst, squares = [], []
+        for start in range(0, len(gradients), self.chunk):
+            part = gradients[start : start + self.chunk]
+            grads = torch.autograd.grad(
+                self.output,
+                self.sites.perturbations,
+                part,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            used = [(g, site) for g, site in zip(grads, self.sites.bounds, strict=True) if g is not None]
+            total, square = _sums([g for g, _ in used], [site for _, site in used])
             worst.append(total)
-            likely.append(LAMBDA * squares.sqrt())
-        return ErrorBound(positions, flat.detach()[positions], torch.stack(likely), torch.stack(worst))
+            squares.append(square)
+        return torch.cat(worst), torch.cat(squares)
 
 
 @dataclass
@@ -281,10 +330,12 @@ def decoder_bound(
     """
     twin = copy.deepcopy(model).double()
     hop = model.config.frame_size // 2  # samples per latent step (25 Hz)
-    sites = _Sites()
-    with torch.enable_grad(), sites:
+    deep = _Sites()
+    with torch.enable_grad(), deep:
         stream = Stream(final=True)
-        latents = twin.decoder_transformer(twin.upsample(_latents(model, codes), stream), stream)
+        output = twin.decoder_transformer(twin.upsample(_latents(model, codes), stream), stream)
+    upstream = _Upstream(deep, output, output.detach().requires_grad_())
+    latents = upstream.leaf
     ends = {latents.shape[1] // 2, latents.shape[1] - 1}
     for a, b in zip(routes, routes[1:], strict=False):
         ends.add(int((a - b).abs().flatten().argmax()) // hop)
@@ -292,11 +343,12 @@ def decoder_bound(
     for end in sorted(ends):
         first = max(0, end - window_steps + 1)
         start = max(0, first - WARMUP_STEPS)
+        sites = _Sites()
         with torch.enable_grad(), sites:
             audio = twin.decoder(latents[:, start : end + 1], Stream(final=True)).reshape(-1)
         checked = audio[(first - start) * hop :]
         window = [route.reshape(-1)[first * hop : (end + 1) * hop] for route in routes]
-        part = sites.bound_at(checked, _positions(checked.detach(), window, count))
+        part = sites.bound_at(checked, _positions(checked.detach(), window, count), upstream)
         parts.append(dataclasses.replace(part, positions=part.positions + first * hop))
     return ErrorBound.joined(parts)
 
