@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -204,16 +204,21 @@ def ray_head_on_localhost(
     )
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while not _ray_ready(address, environment):
-            if head.poll() is not None:
-                raise RuntimeError("ray start --head exited")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Ray head did not come up within 3 minutes")
-            time.sleep(1)
+        _wait_for(lambda: _ray_ready(address, environment), head, "ray start --head", "the Ray head")
         yield address
     finally:
         _stop_group(head)
+
+
+def _wait_for(ready: Callable[[], bool], process: subprocess.Popen, command: str, what: str) -> None:
+    """Poll `ready` once a second until it holds; fail if `process` exits or 3 minutes pass."""
+    deadline = time.monotonic() + 180
+    while not ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{command} exited")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} was not up within 3 minutes")
+        time.sleep(1)
 
 
 # `ray start --address` refuses a second node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which keeps it on
@@ -248,13 +253,12 @@ def ray_node_on_localhost(
         command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 180
-        while _alive_nodes(address, environment) < 2:
-            if node.poll() is not None:
-                raise RuntimeError("ray start --address exited")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the second Ray node did not join within 3 minutes")
-            time.sleep(1)
+        _wait_for(
+            lambda: _alive_nodes(address, environment) >= 2,
+            node,
+            "ray start --address",
+            "the second Ray node",
+        )
         yield node
     finally:
         _stop_group(node)

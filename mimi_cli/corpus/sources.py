@@ -143,7 +143,7 @@ def _remote_folder(src: str, audio_column: str, out_dir: str | None) -> Source:
     from ..batch import AUDIO_SUFFIXES
 
     found: dict[str, tuple[str, str]] = {}  # relative name -> (URL, signature)
-    for url, info in storage.find(src).items():
+    for url, info in storage.find(src):
         relative = storage.relative_to(url, src)
         if relative is None or _hidden(Path(relative)):
             continue

@@ -308,12 +308,31 @@ def stat(url: str) -> str:
         return "missing"
 
 
-def find(url: str) -> dict[str, dict[str, Any]]:
-    """Every object below the prefix `url` (one listing, paged by the store): URL → listing entry."""
+def find(url: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object below the prefix `url` as (URL, listing entry), folder by folder.
+
+    One listing per folder (paged by the store), each retried as a whole on a transient error, so that
+    memory holds one folder's entries at a time, not the whole prefix's (fsspec's `find` gathers every
+    entry first: ~10 KB an object, 1.4 GB for 100,000).
+    """
     fs, path = filesystem(url)
     scheme = url.partition("://")[0]
-    found = call(url, lambda: fs.find(path, detail=True), "cannot list:")
-    return {f"{scheme}://{p}": info for p, info in found.items() if info.get("type", "file") != "directory"}
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = call(
+                url, lambda folder=folder: fs.ls(folder, detail=True, refresh=True), "cannot list:"
+            )
+        except MimiError:
+            if folder == path and kind(url) == "missing":
+                return
+            raise
+        for info in entries:
+            if info.get("type") == "directory":
+                pending.append(info["name"])
+            else:
+                yield f"{scheme}://{info['name']}", info
 
 
 def kind(where: str) -> str:
