@@ -496,10 +496,11 @@ def write_manifest(out_dir: Path, report: BatchReport) -> Path:
 
 
 def decoded_suffix(audio_format: str | None) -> str:
-    """The output suffix of decoded files: .wav unless --format says flac or ogg."""
+    """The output suffix of decoded files: .wav unless --format names another (`audio.OUTPUT_FORMATS`)."""
     if audio_format is None:
         return ".wav"
     suffix = "." + audio_format.lower().lstrip(".")
     if suffix not in OUTPUT_FORMATS:
-        raise ValueError(f"--format must be wav, flac or ogg, got {audio_format!r}")
+        names = ", ".join(sorted(s.lstrip(".") for s in OUTPUT_FORMATS))
+        raise ValueError(f"--format must be one of {names}; got {audio_format!r}")
     return suffix

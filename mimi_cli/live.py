@@ -115,7 +115,8 @@ def encode_live(
     chunk_frames: int = LIVE_CHUNK_FRAMES,
     on_frame: FrameTimer | None = None,
 ) -> LiveSummary:
-    """Encode WAV or raw PCM (`raw` gives its layout) from `src` ("-": stdin) frame by frame into `dst`.
+    """Encode WAV, raw PCM (`raw` gives its layout) or a container FFmpeg reads as a stream (Ogg/WebM
+    Opus, MP3, ADTS AAC, FLAC, a faststart MP4, …) from `src` ("-": stdin) frame by frame into `dst`.
 
     Each frame's codes are written and flushed as soon as the frame is complete (`chunk_frames` > 1
     groups frames into fewer, larger chunks: less overhead, more latency). At the end of the input the
@@ -130,7 +131,8 @@ def encode_live(
     name = display_name(src, "<stdin>")
     with _live_input(src) as stream:
         source = _open_source(stream, name, raw)
-        info = AudioInfo(source.rate, source.channels, None, "RAW" if raw else "WAV")
+        kind = "RAW" if raw else source.media.format.upper() if isinstance(source, _MediaSource) else "WAV"
+        info = AudioInfo(source.rate, source.channels, None, kind)
         header = new_header(info, num_codebooks, model.fingerprint, Path(name).name)
         header = _with_metadata(header, live=True)
         encoder = StreamingEncoder(model, num_codebooks)
@@ -248,14 +250,14 @@ class _Source:
         # a torn last sample frame is dropped, as libsndfile does
 
 
-def _open_source(stream: Any, name: str, raw: PcmFormat | None) -> _Source:
+def _open_source(stream: Any, name: str, raw: PcmFormat | None) -> _Source | _MediaSource:
     if raw is not None:
         return _Source(stream, name, raw.sample_rate, raw.channels, raw.frame_bytes, raw.decode, None)
     consumed = [read_upto(stream, 12)]
     if not consumed[0]:
         raise AudioError(f"{name}: is empty (no data at all)")
-    if not is_wav(consumed[0]):
-        raise AudioError(f"{name}: --live reads WAV or raw PCM (--raw --rate R); this is not WAV")
+    if not is_wav(consumed[0]):  # a container FFmpeg reads as a stream (Ogg/WebM Opus, MP3, ADTS AAC, …)
+        return _MediaSource(name, _Prefixed(consumed[0], stream))
     fmt = parse_header(name, stream, consumed)
     if fmt is None:
         raise AudioError(f"{name}: --live reads 8/16/24/32-bit PCM or float WAV; this encoding is not one")
@@ -264,6 +266,51 @@ def _open_source(stream: Any, name: str, raw: PcmFormat | None) -> _Source:
         return decode_wav(data, fmt.subtype, fmt.channels)
 
     return _Source(stream, name, fmt.sample_rate, fmt.channels, fmt.frame_bytes, decode, fmt.data_bytes)
+
+
+class _MediaSource:
+    """A live input in another container, decoded by FFmpeg packet by packet as its bytes arrive (an MP4
+    whose index comes last cannot be read this way: FFmpeg says so in one line)."""
+
+    def __init__(self, name: str, stream: Any) -> None:
+        from .media import MediaReader  # (PyAV is imported only where it is needed)
+
+        self.media = MediaReader(name, stream, live=True)
+        self.rate, self.channels, self.frames_read = self.media.sample_rate, self.media.channels, 0
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        try:
+            for block in self.media.blocks(1):  # each decoded packet at once
+                self.frames_read += len(block)
+                yield block
+        except AudioError as e:
+            from .media import MP4_FAMILY
+
+            if self.media.format != MP4_FAMILY:
+                raise
+            raise AudioError(
+                f"{self.media.name}: an MP4/M4A is read live only with its index (moov) before its audio, "
+                "as `ffmpeg -movflags +faststart` writes it; this one has it after"
+            ) from e
+        finally:
+            self.media.close()
+
+
+class _Prefixed:
+    """`stream` with `head` (bytes already read from it) put back in front."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            data = self.head if size < 0 else self.head[:size]
+            self.head = self.head[len(data) :]
+            return data
+        return self.stream.read(size)
+
+    def seekable(self) -> bool:
+        return False
 
 
 class _live_input:  # noqa: N801  (a context manager used like a function)

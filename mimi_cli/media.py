@@ -56,6 +56,7 @@ MEDIA_SUFFIXES = frozenset(
 )
 PROBE_BYTES = 5 << 20  # FFmpeg's `probesize`: bytes read to find the streams
 PROBE_SECONDS = 10  # FFmpeg's `analyzeduration`
+LIVE_PROBE_BYTES = 1 << 15  # a live stream's probe: its headers, not seconds of audio (latency)
 CALL_SECONDS = 60.0  # one FFmpeg call (open, read a packet) that takes longer is given up
 READ_BUDGET = 8  # reading more than 8 × the file's size (+ READ_SLACK) is a demuxer going in circles
 READ_SLACK = 16 << 20
@@ -81,18 +82,21 @@ class MediaReader:
     "matroska", "ogg"), `codec` ("aac", "opus", ...).
     """
 
-    def __init__(self, name: str, file: BinaryIO, stream: int = 0) -> None:
+    def __init__(self, name: str, file: BinaryIO, stream: int = 0, live: bool = False) -> None:
+        """`live`: `file` is a stream read as its bytes arrive (`mimi encode --live`): no bound on the
+        bytes read or on the time a read waits, and streams found from the first LIVE_PROBE_BYTES."""
         self.name = name
-        self._guarded = GuardedFile(_Budget(name, file))
+        self._guarded = _LiveFile(file) if live else GuardedFile(_Budget(name, file))
+        probe = (LIVE_PROBE_BYTES, 0) if live else (PROBE_BYTES, PROBE_SECONDS * 1_000_000)
         self.container: Any = None
         self.container = self._call(
             "not a readable audio file",
             lambda: av.open(
                 self._guarded,
                 "r",
-                options={"probesize": str(PROBE_BYTES), "analyzeduration": str(PROBE_SECONDS * 1_000_000)},
+                options={"probesize": str(probe[0]), "analyzeduration": str(probe[1])},
                 metadata_errors="ignore",
-                timeout=(CALL_SECONDS, CALL_SECONDS),
+                timeout=None if live else (CALL_SECONDS, CALL_SECONDS),
             ),
         )
         try:
@@ -329,6 +333,13 @@ class MediaWriter:
                 return operation()
         except av.FFmpegError as e:
             raise AudioError(f"{self.name}: cannot write {self.kind} ({_reason(e)})") from e
+
+
+class _LiveFile(GuardedFile):
+    """A live stream for FFmpeg's callbacks: not seekable (it reads on as bytes arrive)."""
+
+    def seekable(self) -> bool:
+        return False
 
 
 class _Budget:

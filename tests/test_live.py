@@ -22,6 +22,7 @@ from propagation import decoder_bound
 from signals import noise, speech_like
 
 from mimi_cli import load_model
+from mimi_cli.audio import write_audio
 from mimi_cli.codec import decode_file, encode_file, read_container
 from mimi_cli.container import ContainerWriter, read_codes
 from mimi_cli.errors import AudioError, FormatError
@@ -322,7 +323,9 @@ def test_library_interrupt_keeps_frames(tiny, tmp_path, monkeypatch):
             "--sample-format",
             id="bad-sample-format",
         ),
-        pytest.param(["encode", "in.flac", "o.mimi", "--live"], "WAV or raw PCM", id="live-needs-wav"),
+        pytest.param(
+            ["encode", "in.txt", "o.mimi", "--live"], "in.txt: not a readable", id="live-needs-audio"
+        ),
         pytest.param(["encode", "in.wav", "o.mimi", "--chunk-frames", "4"], "--live", id="chunks-live"),
         pytest.param(["encode", "in.wav", "o.mimi", "--live", "--chunk-frames", "0"], "65535", id="chunks"),
         pytest.param(["decode", "a.mimi", "-", "--live", "--raw", "-r", "original"], "--rate", id="raw-rate"),
@@ -330,7 +333,7 @@ def test_library_interrupt_keeps_frames(tiny, tmp_path, monkeypatch):
 )
 def test_bad_live_options_are_one_line_and_exit_2(tiny_weights, tmp_path, args, says):
     sf.write(tmp_path / "in.wav", speech_like(0.2), 24_000)
-    sf.write(tmp_path / "in.flac", speech_like(0.2), 24_000)
+    (tmp_path / "in.txt").write_text("not audio at all, but long enough to be probed\n" * 40)
     encode_file(load_model(tiny_weights), tmp_path / "in.wav", tmp_path / "a.mimi", 8)
     env = {k: v for k, v in os.environ.items() if k not in ("MIMI_DEBUG", "MIMI_WEIGHTS")}
     result = subprocess.run(
@@ -360,3 +363,38 @@ def test_live_decode_writes_wav_on_a_pipe(tiny, tiny_weights, tmp_path):
     offline = decode_file(tiny, tmp_path / "a.mimi", tmp_path / "offline.wav")
     reference, _ = sf.read(tmp_path / "offline.wav", dtype="int16")
     assert offline.frames == 13 and np.abs(samples[:24_000].astype(int) - reference).max() <= 1
+
+
+@pytest.mark.parametrize("suffix", [".opus", ".webm"])
+def test_live_reads_containers_that_stream(tiny, tiny_weights, tmp_path, suffix):
+    """Ogg and WebM Opus through a pipe, decoded by FFmpeg as their bytes arrive: codes leave before the
+    input ends, and the stream equals the offline encode of the same file."""
+    src = tmp_path / f"in{suffix}"
+    write_audio(src, speech_like(3.0), 24_000)
+    encode_file(tiny, src, tmp_path / "offline.mimi", 8)
+    data, got = src.read_bytes(), bytearray()
+    with _running("encode", "-", "-", "--live", "-k", 8, "-w", tiny_weights, "-q") as proc:
+        proc.stdin.write(data[: len(data) // 2])
+        proc.stdin.flush()
+        _read_at_least(proc, got, _header_size(got, proc) + 1)  # codes while the input is open
+        proc.stdin.write(data[len(data) // 2 :])
+        out, err = _stop(proc)
+    assert proc.returncode == 0, err
+    header, codes = read_codes(io.BytesIO(bytes(got) + out))
+    with (tmp_path / "offline.mimi").open("rb") as f:
+        offline_header, offline = read_codes(f)
+    assert header.original_length == offline_header.original_length
+    assert np.array_equal(codes, offline)
+
+
+def test_live_refuses_an_mp4_whose_index_comes_last(tiny_weights, tmp_path):
+    """(a short one fits in FFmpeg's read buffer, which can go back to its audio: 30 s does not)"""
+    src = tmp_path / "in.m4a"
+    write_audio(src, speech_like(30.0), 24_000)
+    proc = subprocess.run(
+        [str(MIMI), "encode", "-", "-", "--live", "-w", str(tiny_weights), "-q"],
+        input=src.read_bytes(), capture_output=True, timeout=WAIT,
+    )  # fmt: skip
+    lines = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: <stdin>:"), lines
+    assert "+faststart" in lines[0]

@@ -71,7 +71,8 @@ def encode(
 
     With folders (IN_DIR OUT_DIR), encodes every audio file below IN_DIR into the same tree under
     OUT_DIR, skipping outputs that are complete and up to date, and writes OUT_DIR/manifest.jsonl.
-    With --live, reads WAV or raw PCM as it arrives and writes each 80 ms frame's codes at once.
+    With --live, reads WAV, raw PCM or a streamable container (Ogg/WebM Opus, MP3, AAC, FLAC, a faststart
+    MP4) as it arrives and writes each 80 ms frame's codes at once.
     """
     with errors_to_exit():
         k = choose_codebooks(codebooks, bitrate, quiet or as_json)
