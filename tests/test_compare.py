@@ -17,6 +17,7 @@ import torch
 from signals import speech_like
 from typer.testing import CliRunner, Result
 
+from mimi_cli.audio import write_audio
 from mimi_cli.codec import decode_file, encode_file, whole_frames
 from mimi_cli.compare import (
     MAX_LENGTH_DIFFERENCE,
@@ -153,6 +154,17 @@ def test_pair_of_files(tmp_path):
     # Different rates are resampled to 24 kHz first.
     at_48k = compare_pair(reference, _wav(tmp_path / "48k.wav", np.repeat(speech, 2), 48_000))
     assert at_48k.renditions[0].scores.si_sdr > 10 and at_48k.notes == ()
+
+
+def test_pair_reads_what_ffmpeg_reads(tmp_path):
+    """An m4a (AAC, read through PyAV) against its WAV original: aligned by the edit list, the same length,
+    and close (AAC at 96 kbps)."""
+    speech = speech_like(2.0, seed=8)
+    reference = _wav(tmp_path / "ref.wav", speech)
+    write_audio(tmp_path / "copy.m4a", speech, RATE)
+    result = compare_pair(reference, tmp_path / "copy.m4a")
+    assert result.notes == () and len(result.reference) == len(speech)
+    assert result.renditions[0].scores.si_sdr > 10 and result.renditions[0].scores.stoi > 0.95
 
 
 @pytest.mark.parametrize(

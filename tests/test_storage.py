@@ -348,3 +348,19 @@ def test_without_the_storage_extra_a_url_says_how_to_install_it(tmp_path, monkey
     code, output = invoke("tokenize", "s3://somewhere/corpus", tmp_path / "out", "-w", tmp_path / "none")
     assert code == 2 and "s3:// needs s3fs: pip install 'mimi-cli[storage]'" in output
     assert len(output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_hf_and_gs_urls_route_to_their_file_systems(monkeypatch) -> None:
+    """hf:// and gs:// are not served here: their routing, path arithmetic and options are checked
+    without a request (gs with anonymous access, so that no credential lookup leaves the machine)."""
+    monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"gs": {"token": "anon"}, "s3": {"anon": True}}))
+    fs, path = storage.filesystem("hf://datasets/org/speech/data/train.parquet")
+    assert type(fs).__name__ == "HfFileSystem" and path == "datasets/org/speech/data/train.parquet"
+    fs, path = storage.filesystem("gs://corpora/wds/train-0001.tar")
+    assert "gs" in fs.protocol and fs.credentials.method == "anon" and path == "corpora/wds/train-0001.tar"
+    listed = "hf://datasets/org/speech/lists/train.txt"
+    assert storage.join(storage.parent(listed), "../audio/a.flac") == "hf://datasets/org/speech/audio/a.flac"
+    assert storage.join("gs://corpora/wds", "s3://other/x.wav") == "s3://other/x.wav"
+    assert storage.relative_to("gs://corpora/wds/a/b.tar", "gs://corpora/wds") == "a/b.tar"
+    assert storage.relative_to("gs://corpora/other/b.tar", "gs://corpora/wds") is None
+    assert storage.basename("hf://datasets/org/speech/data/train.parquet") == "train.parquet"
