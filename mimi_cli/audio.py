@@ -425,6 +425,8 @@ def _open_stream(name: str, file: BinaryIO, owned: BinaryIO | None, stream: int 
     try:
         reader = _open_with(first, name, file)
     except AudioError as failure:
+        if isinstance(failure.__cause__, OSError):  # the file failed, not the library: no other try
+            raise
         file.seek(start)
         try:
             reader = _open_with(PYAV if first == SOUNDFILE else SOUNDFILE, name, file)
