@@ -27,6 +27,7 @@ NUMERIC_TESTS = [
     "tests/test_parity.py",
     "tests/test_metrics.py",
     "tests/test_streaming.py",
+    "tests/test_propagation.py",
 ]
 # torch's capability -> (MKL's instruction set, oneDNN's ISA, the CPU flag it needs)
 TORCH_LEVELS = {
