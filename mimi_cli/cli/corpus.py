@@ -198,7 +198,9 @@ def detokenize(
         typer.Argument(metavar="AUDIO_DIR", help="Audio folder (path or URL).", show_default=False),
     ],
     sample_rate: SampleRateOpt = "24000",
-    audio_format: Annotated[str | None, typer.Option("--format", help="wav (default), flac, ogg, m4a, mp3, opus or webm.")] = None,
+    audio_format: Annotated[
+        str | None, typer.Option("--format", help="wav (default), flac, ogg, m4a, mp3, opus or webm.")
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     weights: WeightsOpt = None,
