@@ -57,9 +57,9 @@ FUNCTION_ULPS = EXP_ULPS
 
 # Operations that only move, copy, pad or select values: no rounding.
 EXACT = {
-    "__getitem__", "clone", "contiguous", "detach", "expand", "new_empty", "new_zeros", "permute",
-    "repeat", "reshape", "squeeze", "transpose", "unfold", "unsqueeze", "view", "cat", "stack", "pad",
-    "neg", "__neg__", "to", "double", "flatten", "narrow", "select", "mT", "clamp",
+    "__getitem__", "clone", "contiguous", "detach", "expand", "permute", "repeat", "reshape", "squeeze",
+    "transpose", "unfold", "unsqueeze", "view", "cat", "stack", "pad", "neg", "__neg__", "to", "double",
+    "flatten", "narrow", "select", "mT", "clamp",
 }  # fmt: skip
 ALLOCATIONS = {"new_empty", "new_zeros", "zeros_like", "empty_like", "zeros", "ones", "ones_like", "full"}
 
@@ -70,14 +70,8 @@ def _name(func: Callable) -> str:
 
 def _products(func: Callable, args: Sequence, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
     """linear, conv2d, matmul: γₙ₊₁ · the same operation on magnitudes (n products and a bias)."""
-    name = _name(func)
     x, weight = args[0], args[1]
-    if name == "linear":
-        terms = x.shape[-1]
-    elif name == "conv2d":
-        terms = math.prod(weight.shape[1:])
-    else:  # matmul
-        terms = x.shape[-1]
+    terms = math.prod(weight.shape[1:]) if _name(func) == "conv2d" else x.shape[-1]
     magnitudes = [a.abs() if isinstance(a, torch.Tensor) else a for a in args]
     kw = {k: v.abs() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     return gamma(terms + 1) * func(*magnitudes, **kw), terms + 1
@@ -89,11 +83,11 @@ def _layer_norm(args: Sequence, kwargs: dict, out: torch.Tensor) -> torch.Tensor
     Given exact x: μ errs by at most γₙ₊₁ · mean|x|, so each d = x − μ by e_d = u·|d| + that; the
     variance, a mean of n squares of computed d's plus eps, by γₙ₊₃ · (var + eps) + 2 · mean(|d|·e_d);
     r, a square root and a division, by half the variance's relative error plus 2u (relatively). The
-    product and the affine part add three roundings: |δy| ≤ |w| · r · (e_d + |d| · e_r) + γ₃ · |y|.
+    product and the affine part (the bias's addition is one of them) add three roundings:
+    |δy| ≤ |w| · r · (e_d + |d| · e_r) + γ₃ · |y|.
     """
     x, shape = args[0], args[1]
     weight = args[2] if len(args) > 2 else kwargs.get("weight")
-    bias = args[3] if len(args) > 3 else kwargs.get("bias")
     eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
     n = math.prod(shape)
     dims = tuple(range(-len(shape), 0))
@@ -104,7 +98,6 @@ def _layer_norm(args: Sequence, kwargs: dict, out: torch.Tensor) -> torch.Tensor
     e_var = gamma(n + 3) * variance + 2 * (d.abs() * e_d).mean(dim=dims, keepdim=True)
     e_r = 0.5 * e_var / variance + 2 * U
     scale = variance.rsqrt() * (1 if weight is None else weight.abs())
-    del bias  # its addition is one of the three roundings of the last term
     return scale * (e_d + d.abs() * e_r) + gamma(3) * out.abs()
 
 
@@ -151,37 +144,13 @@ RULES: dict[str, Callable[[Sequence, dict, torch.Tensor], torch.Tensor]] = {
 PRODUCTS = {"linear", "conv2d", "matmul", "__matmul__"}
 
 
-class _Bounds:
-    def bound_at(
-        self: _Sites, flat: torch.Tensor, positions: torch.Tensor, upstream: _Upstream | None = None
-    ) -> ErrorBound:
-        """One backward pass per position of `flat` (an output computed under these sites, and under
-        `upstream`'s sites before its `leaf`)."""
-        worst, squares, carried = [], [], []
-        leaf = [] if upstream is None else [upstream.leaf]
-        for i in positions.tolist():
-            grads = torch.autograd.grad(
-                flat[i], self.perturbations + leaf, retain_graph=True, allow_unused=True
-            )
-            total, square = _sums(
-                [g[None] for g in grads[: len(self.bounds)] if g is not None],
-                [site for g, site in zip(grads, self.bounds, strict=False) if g is not None],
-            )
-            worst.append(total[0])
-            squares.append(square[0])
-            if upstream is not None:
-                carried.append(torch.zeros_like(upstream.leaf) if grads[-1] is None else grads[-1])
-        worst, squares = torch.stack(worst), torch.stack(squares)
-        if upstream is not None:
-            more_worst, more_squares = upstream.carry(torch.stack(carried))
-            worst, squares = worst + more_worst, squares + more_squares
-        return ErrorBound(positions, flat.detach()[positions], LAMBDA * squares.sqrt(), worst)
-
-
-def _sums(grads: Sequence[torch.Tensor], bounds: Sequence[tuple[torch.Tensor, int]]) -> tuple:
-    """For gradients [P, ...] of sites with bounds (bₛ, nₛ): Σ |g|·b and Σ (g·b)²/n, each [P]."""
+def _sums(grads: Sequence[torch.Tensor | None], bounds: Sequence[tuple[torch.Tensor, int]]) -> tuple:
+    """For gradients [P, ...] of sites with bounds (bₛ, nₛ): Σ |g|·b and Σ (g·b)²/n, each [P] (a site the
+    output does not depend on, its gradient None, adds nothing)."""
     worst = squares = 0
     for g, (b, n) in zip(grads, bounds, strict=True):
+        if g is None:
+            continue
         g = g.reshape(g.shape[0], -1)
         worst = worst + g.abs() @ b
         squares = squares + (g * b).square().sum(1) / n
@@ -210,15 +179,14 @@ class _Upstream:
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            used = [(g, site) for g, site in zip(grads, self.sites.bounds, strict=True) if g is not None]
-            total, square = _sums([g for g, _ in used], [site for _, site in used])
+            total, square = _sums(grads, self.sites.bounds)
             worst.append(total)
             squares.append(square)
         return torch.cat(worst), torch.cat(squares)
 
 
 @dataclass
-class _Sites(_Bounds, TorchFunctionMode):
+class _Sites(TorchFunctionMode):
     """Adds εₛ to the float64 output of every rounding operation and keeps εₛ, bₛ and nₛ."""
 
     perturbations: list[torch.Tensor] = field(default_factory=list)
@@ -250,6 +218,29 @@ class _Sites(_Bounds, TorchFunctionMode):
         self.perturbations.append(epsilon)
         self.bounds.append((bound.detach().expand_as(out).reshape(-1), roundings))
         return out + epsilon
+
+    def bound_at(
+        self, flat: torch.Tensor, positions: torch.Tensor, upstream: _Upstream | None = None
+    ) -> ErrorBound:
+        """One backward pass per position of `flat` (an output computed under these sites, and under
+        `upstream`'s sites before its `leaf`)."""
+        worst, squares, carried = [], [], []
+        leaf = [] if upstream is None else [upstream.leaf]
+        for i in positions.tolist():
+            grads = torch.autograd.grad(
+                flat[i], self.perturbations + leaf, retain_graph=True, allow_unused=True
+            )
+            own = [None if g is None else g[None] for g in grads[: len(self.bounds)]]
+            total, square = _sums(own, self.bounds)
+            worst.append(total[0])
+            squares.append(square[0])
+            if upstream is not None:
+                carried.append(torch.zeros_like(upstream.leaf) if grads[-1] is None else grads[-1])
+        worst, squares = torch.stack(worst), torch.stack(squares)
+        if upstream is not None:
+            more_worst, more_squares = upstream.carry(torch.stack(carried))
+            worst, squares = worst + more_worst, squares + more_squares
+        return ErrorBound(positions, flat.detach()[positions], LAMBDA * squares.sqrt(), worst)
 
 
 @dataclass(frozen=True)
