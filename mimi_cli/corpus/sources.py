@@ -86,25 +86,16 @@ def open_source(src: str, audio_column: str = "audio", out_dir: str | None = Non
             return _remote_folder(src, audio_column, out_dir)
         root = Path(src)
         skip = Path(out_dir if out_dir and not storage.is_url(out_dir) else root / ".none").resolve()
-        tables = sorted(
-            p
-            for p in root.rglob(f"*{PARQUET_SUFFIX}")
-            if not _hidden(p.relative_to(root)) and not p.resolve().is_relative_to(skip)
-        )
+        tables = _files_below(root, PARQUET_SUFFIX, skip)
         if tables:
-            return _table_source(src, [(str(p), _signature(p)) for p in tables], audio_column)
-        tars = sorted(
-            p
-            for p in root.rglob(f"*{TAR_SUFFIX}")
-            if not _hidden(p.relative_to(root)) and not p.resolve().is_relative_to(skip)
-        )
+            return _table_source(src, tables, audio_column)
+        tars = _files_below(root, TAR_SUFFIX, skip)
         if tars:
-            return _tar_source(src, [(str(p), _signature(p)) for p in tars])
+            return _tar_source(src, tars)
         return _folder_source(root, skip)
     suffix = posixpath.splitext(storage.basename(src))[1].lower()
     if suffix == PARQUET_SUFFIX:
-        signature = storage.stat(src) if storage.is_url(src) else _signature(src)
-        return _table_source(storage.parent(src), [(src, signature)], audio_column)
+        return _table_source(storage.parent(src), [(src, _any_signature(src))], audio_column)
     if suffix in LIST_SUFFIXES:
         return _list_source(src)
     if suffix == TAR_SUFFIX:
@@ -122,6 +113,15 @@ def _signature(path: str | Path) -> str:
     except OSError:
         return "missing"  # reported when the input is read
     return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _files_below(root: Path, suffix: str, skip: Path) -> list[tuple[str, str]]:
+    """(path, signature) of the files named *`suffix` below `root`, sorted; none hidden nor in `skip`."""
+    return [
+        (str(p), _signature(p))
+        for p in sorted(root.rglob(f"*{suffix}"))
+        if not _hidden(p.relative_to(root)) and not p.resolve().is_relative_to(skip)
+    ]
 
 
 def _any_signature(where: str) -> str:

@@ -17,7 +17,6 @@ line naming the URL, with any secret the process knows replaced by `***`.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import posixpath
@@ -37,8 +36,8 @@ STORAGE_INSTALL = "pip install 'mimi-cli[storage]'"
 OPTIONS_ENV = "MIMI_STORAGE_OPTIONS"
 PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub"}
 READ_ONLY = {"hf"}
-# What Ray workers need to build the driver's file systems (only those set are sent, as the job's
-# runtime_env env_vars: never a task's argument).
+# What Ray workers need to build the driver's file systems (only those set are sent, as a Ray object:
+# never a task's argument nor the job's runtime_env, which Ray logs; `engines._read_row`).
 CREDENTIAL_ENV = (
     OPTIONS_ENV,
     "AWS_ACCESS_KEY_ID",
@@ -414,12 +413,11 @@ class Folder:
 
     def write(self, name: str, data: bytes) -> None:
         """Write a whole file: renamed into place here, one PUT (or completed multipart upload) there."""
-        target = self.child(name)
         if not self.remote:
-            self.mkdir()
-            with atomic_output(target) as out:
+            with self.writer(name) as out:
                 out.write(data)
             return
+        target = self.child(name)
         fs, path = filesystem(target)
         call(target, lambda: fs.pipe_file(path, data), "cannot write:")
 
@@ -472,4 +470,4 @@ class Folder:
 
 
 def read_text(where: str) -> str:
-    return io.TextIOWrapper(io.BytesIO(read_bytes(where)), encoding="utf-8").read()
+    return read_bytes(where).decode("utf-8")

@@ -35,10 +35,15 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension
 
 
+def _last(extension: str) -> str:
+    """The last part of a member's extension, lower case ("meta.JSON" → "json")."""
+    return extension.rsplit(".", 1)[-1].lower()
+
+
 def _is_audio(extension: str) -> bool:
     from ..batch import AUDIO_SUFFIXES
 
-    return "." + extension.rsplit(".", 1)[-1].lower() in AUDIO_SUFFIXES
+    return "." + _last(extension) in AUDIO_SUFFIXES
 
 
 @dataclass
@@ -65,7 +70,7 @@ def scan(where: str) -> list[TarKey]:
                     if entry.audio is not None:
                         entry.problem = f"two audio members ({entry.audio}, {member.name})"
                     entry.audio = member.name
-                elif extension.rsplit(".", 1)[-1].lower() in TEXT_EXTENSIONS:
+                elif _last(extension) in TEXT_EXTENSIONS:
                     handle = tar.extractfile(member)
                     data = handle.read() if handle else b""
                     entry.texts[extension] = data.decode("utf-8", errors="replace")
