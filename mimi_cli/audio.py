@@ -531,17 +531,17 @@ class AudioWriter:
             self._stream = dst
             if not seekable(dst) and self.format == "WAV":
                 self._io(lambda: dst.write(stream_header(sample_rate, channels)))
-            elif self.format in OUTPUTS:
-                target = dst
-                if not seekable(dst):  # MP4 writes its index at the end, MP3 its LAME header at the start
-                    target = self._spool = self._stack.enter_context(tempfile.TemporaryFile())
+                return
+            target = dst
+            # libsndfile seeks back to finish FLAC/Ogg headers, MP4 writes its index at the end and MP3
+            # its LAME header at the start: a pipe gets a spooled file, copied out at close
+            if not seekable(dst):
+                target = self._spool = self._stack.enter_context(tempfile.TemporaryFile())
+            if self.format in OUTPUTS:
                 self._media = self._io(
                     lambda: MediaWriter(self.name, target, self.format, sample_rate, channels)
                 )
             else:
-                target = dst
-                if not seekable(dst):  # libsndfile seeks back to finish FLAC/Ogg headers
-                    target = self._spool = self._stack.enter_context(tempfile.TemporaryFile())
                 self._guarded = GuardedFile(target)
                 self._sf = self._io(
                     lambda: sf.SoundFile(
