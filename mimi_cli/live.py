@@ -37,6 +37,7 @@ from .config import FRAME_SIZE, SAMPLE_RATE
 from .container import ContainerReader, ContainerWriter
 from .errors import AudioError, MimiError
 from .fsutil import STDIO, atomic_output, display_name
+from .media import MP4_FAMILY, MediaReader
 from .rawpcm import PcmFormat
 from .safeio import held_interrupts
 from .wavpipe import decode as decode_wav
@@ -273,8 +274,6 @@ class _MediaSource:
     whose index comes last cannot be read this way: FFmpeg says so in one line)."""
 
     def __init__(self, name: str, stream: Any) -> None:
-        from .media import MediaReader  # (PyAV is imported only where it is needed)
-
         self.media = MediaReader(name, stream, live=True)
         self.rate, self.channels, self.frames_read = self.media.sample_rate, self.media.channels, 0
 
@@ -284,8 +283,6 @@ class _MediaSource:
                 self.frames_read += len(block)
                 yield block
         except AudioError as e:
-            from .media import MP4_FAMILY
-
             if self.media.format != MP4_FAMILY:
                 raise
             raise AudioError(

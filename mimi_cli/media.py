@@ -31,6 +31,9 @@ Writing (`MediaWriter`): AAC in .m4a (96 kbps a channel), MP3 (LAME, 64 kbps a c
 resampled (soxr "HQ") to the nearest one it can, above if there is one (Opus: 8, 12, 16, 24 or 48 kHz;
 MP3: 8–48 kHz). The output must be seekable (MP4 writes its index at the end, MP3 its LAME header at
 the start): `audio.AudioWriter` spools for pipes.
+
+PyAV itself is imported by the methods that read or write, not with this module, which `audio` always
+imports (for the suffixes and outputs): importing it costs ~50 ms that `mimi info` on a WAV never needs.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import Any, BinaryIO, TypeVar
 
-import av
 import numpy as np
 import soxr
 
@@ -85,6 +87,8 @@ class MediaReader:
     def __init__(self, name: str, file: BinaryIO, stream: int = 0, live: bool = False) -> None:
         """`live`: `file` is a stream read as its bytes arrive (`mimi encode --live`): no bound on the
         bytes read or on the time a read waits, and streams found from the first LIVE_PROBE_BYTES."""
+        import av
+
         self.name = name
         self._guarded = _LiveFile(file) if live else GuardedFile(_Budget(name, file))
         probe = (LIVE_PROBE_BYTES, 0) if live else (PROBE_BYTES, PROBE_SECONDS * 1_000_000)
@@ -204,6 +208,8 @@ class MediaReader:
 
     def _stated_frames(self) -> int | None:
         """The length the container states, in samples (an estimate for some formats), or None."""
+        import av
+
         duration, base = self.stream.duration, self.stream.time_base
         if duration is None or base is None:
             duration, base = self.container.duration, Fraction(1, av.time_base)
@@ -213,6 +219,8 @@ class MediaReader:
 
     def _call(self, failure: str, operation: Callable[[], T]) -> T:
         """One FFmpeg call with SIGINT held; its errors and the file's as AudioErrors naming the input."""
+        import av
+
         try:
             with self._guarded.call():
                 return operation()
@@ -234,6 +242,8 @@ class MediaWriter:
     """
 
     def __init__(self, name: str, file: BinaryIO, kind: str, sample_rate: int, channels: int) -> None:
+        import av
+
         muxer, encoder, bits = OUTPUTS[kind]
         self.name, self.kind, self.channels = name, kind, channels
         self._guarded = GuardedFile(file)
@@ -293,6 +303,8 @@ class MediaWriter:
         self._pending = np.ascontiguousarray(data[whole:], np.float32)
 
     def _frame(self, chunk: np.ndarray) -> Any:
+        import av
+
         if self.sample_format.startswith("s16"):
             chunk = np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype(np.int16)
         else:
@@ -328,6 +340,8 @@ class MediaWriter:
         self._carried = discard
 
     def _call(self, operation: Callable[[], T]) -> T:
+        import av
+
         try:
             with self._guarded.call():
                 return operation()
