@@ -32,6 +32,7 @@ import numpy as np
 from .audio import resample
 from .config import SAMPLE_RATE
 from .errors import MimiError
+from .media import MediaReader
 
 # MPEG-2 Layer III (sampling rates 16, 22.05, 24 kHz): the bitrates its frame header can name.
 MP3_KBPS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
@@ -192,10 +193,10 @@ def round_trip(audio: np.ndarray, setting: Setting) -> Coded:
             for packet in [*stream.encode(frame), *stream.encode(None)]:
                 payload += packet.size
                 container.mux(packet)
-        data = buffer.getvalue()
-        decoded = _decode(data)
     except av.FFmpegError as e:
-        raise MimiError(f"{setting.label}: PyAV could not encode or decode: {e}") from e
+        raise MimiError(f"{setting.label}: PyAV could not encode: {e}") from e
+    data = buffer.getvalue()
+    decoded = _decode(data, setting.label)
     back = resample(decoded, codec.rate, SAMPLE_RATE)
     aligned = np.zeros(len(audio), np.float32)
     aligned[: min(len(back), len(audio))] = back[: len(audio)]
@@ -215,16 +216,15 @@ def _frame(signal: np.ndarray, rate: int, codec: Any) -> Any:
     return frame
 
 
-def _decode(data: bytes) -> np.ndarray:
-    """Container bytes → float32 mono [T'] at the codec's rate, signalled delay already dropped."""
-    import av
-
-    blocks = []
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        for frame in container.decode(stream):
-            samples = frame.to_ndarray().astype(np.float32)
-            blocks.append(samples.reshape(-1) if samples.shape[0] == 1 else samples.mean(axis=0))
+def _decode(data: bytes, label: str) -> np.ndarray:
+    """Container bytes → float32 mono [T'] at the codec's rate, read as any such file is
+    (`media.MediaReader`: the signalled delay dropped, an MP4's end cut where its last packet ends);
+    a failure is an AudioError naming `label`."""
+    reader = MediaReader(label, io.BytesIO(data))
+    try:
+        blocks = [block.mean(axis=1) for block in reader.blocks(1 << 16)]
+    finally:
+        reader.close()
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
