@@ -313,3 +313,87 @@ def test_large_blocks_are_asked_for_huge_pages(monkeypatch):
     calls.clear()
     native._blocks(torch.randn(64, 512), 32)  # 128 KiB: no whole huge page
     assert calls == []
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_products_shared_by_threads_equal_one_thread_bit_for_bit(threads, rows):
+    """Each block is computed by the same code whichever thread claims it, so sharing a product
+    changes no bit; many calls in a row give the helpers every chance to race on a job."""
+    generator = torch.Generator().manual_seed(threads * 10 + rows)
+    weights = [torch.randn(out, 96, generator=generator) for out in (40, 130, 1000)]  # 2, 5, 32 blocks
+    inputs = [torch.randn(rows, 96, generator=generator) for _ in range(50)]
+    packed = [native.pack(w) for w in weights]
+    bias, gain = torch.randn(1000, generator=generator), torch.randn(1000, generator=generator)
+    try:
+        native.set_threads(1)
+        alone = [
+            p.times_rows(x, bias[: p.out_features], gain[: p.out_features]) for x in inputs for p in packed
+        ]
+        native.set_threads(threads, spin_us=50)
+        for _ in range(4):  # helpers awake (spinning), then some asleep between rounds
+            shared = [
+                p.times_rows(x, bias[: p.out_features], gain[: p.out_features])
+                for x in inputs
+                for p in packed
+            ]
+            assert all(torch.equal(a, s) for a, s in zip(alone, shared, strict=True))
+    finally:
+        native.set_threads(1)
+
+
+@needs_compiler
+def test_two_callers_at_once_while_products_are_shared():
+    """A second thread calling the kernel while the first holds the helpers computes alone: both right."""
+    import threading
+
+    weight = torch.randn(2048, 512)
+    packed, xs = native.pack(weight), [torch.randn(2, 512) for _ in range(2)]
+    expected = [packed.times_rows(x, None) for x in xs]
+    failures = []
+
+    def call(x, want):
+        for _ in range(200):
+            if not torch.equal(packed.times_rows(x, None), want):
+                failures.append(1)
+
+    try:
+        native.set_threads(2, spin_us=50)
+        callers = [threading.Thread(target=call, args=pair) for pair in zip(xs, expected, strict=True)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(timeout=120)
+        assert not any(caller.is_alive() for caller in callers) and not failures
+    finally:
+        native.set_threads(1)
+
+
+@needs_compiler
+def test_a_forked_child_computes_without_its_parents_helpers():
+    """fork copies no thread: a child of a process whose products were shared computes them alone
+    (no wait for a helper that is not there, no lock held by one)."""
+    import multiprocessing
+
+    weight, x = torch.randn(1000, 64), torch.randn(2, 64)
+    packed = native.pack(weight)
+    try:
+        native.set_threads(2, spin_us=0)  # helpers asleep on the lock's condition
+        expected = packed.times_rows(x, None)
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        child = context.Process(target=lambda: results.put(packed.times_rows(x, None).tolist()))
+        child.start()
+        child.join(timeout=60)
+        assert child.exitcode == 0, "the child hung or failed"
+        assert torch.equal(torch.tensor(results.get(timeout=5)), expected)
+    finally:
+        native.set_threads(1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [0, 17])
+def test_a_thread_count_the_kernel_cannot_run_is_refused(threads):
+    with pytest.raises(ValueError, match="threads"):
+        native.set_threads(threads)

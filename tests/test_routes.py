@@ -24,7 +24,8 @@ def timed(fresh_build, monkeypatch):
     runs = []
     time_routes = routes.time_routes
     monkeypatch.setattr(routes, "time_routes", lambda: runs.append(1) or time_routes())
-    return runs
+    yield runs
+    native.set_threads(1)  # (the choice set the kernel's threads for the process)
 
 
 def _slowed(call, seconds: float = 0.002):
@@ -40,6 +41,11 @@ def test_the_choice_is_timed_once_and_recorded(timed, fresh_build):
     assert timed == [1]
     assert chosen.products in ("kernel", "onednn", "blas") and chosen.attention in ("kernel", "torch")
     assert chosen.prefetch in routes.PREFETCH_CANDIDATES
+    counts = range(1, min(routes.available_cores(), routes.MAX_KERNEL_THREADS) + 1)
+    assert {f"kernel threads {count}" for count in counts} == {n for n in chosen.timings_us if "threads" in n}
+    assert chosen.timings_us[f"kernel threads {chosen.threads}"] == min(
+        chosen.timings_us[f"kernel threads {count}"] for count in counts
+    )
     assert {f"products {name}" for name in ("kernel", "onednn", "blas")} <= set(chosen.timings_us)
     assert chosen.timings_us[f"products {chosen.products}"] == min(
         t for name, t in chosen.timings_us.items() if name.startswith("products ")
@@ -48,6 +54,7 @@ def test_the_choice_is_timed_once_and_recorded(timed, fresh_build):
     assert json.loads(saved.read_text())["products"] == chosen.products
     assert not list(fresh_build.glob(".routes-*"))  # no partial file left
     assert "products: " in chosen.describe() and "KiB ahead" in chosen.describe()
+    assert f"kernel threads: {chosen.threads}" in chosen.describe()
 
 
 @pytest.mark.parametrize("slow", ["kernel", "onednn", "blas"])
@@ -86,7 +93,9 @@ def test_the_cached_choice_is_reused_without_timing(timed, monkeypatch):
     assert routes.chosen() == first
 
 
-@pytest.mark.parametrize("change", ["cpu", "compiler flags", "torch settings", "timing code", "threads"])
+@pytest.mark.parametrize(
+    "change", ["cpu", "compiler flags", "torch settings", "timing code", "threads", "cores"]
+)
 def test_the_choice_is_redone_when_the_kernel_cpu_or_torch_change(
     timed, fresh_build, tmp_path, monkeypatch, change
 ):
@@ -94,6 +103,8 @@ def test_the_choice_is_redone_when_the_kernel_cpu_or_torch_change(
     if change == "threads":
         other = torch.get_num_threads() + 1  # (as a process with another thread count sees it)
         monkeypatch.setattr(routes.torch, "get_num_threads", lambda: other)
+    elif change == "cores":  # (a process started on fewer cores, as `taskset` or a container does)
+        monkeypatch.setattr(routes, "available_cores", lambda: 1)
     elif change == "timing code":  # a choice made by an older way of timing is not trusted
         changed = tmp_path / "routes.py"
         changed.write_text(open(routes.__file__).read() + "# another way of timing\n")
@@ -138,3 +149,25 @@ def test_the_prefetch_chosen_is_the_kernels_setting(timed):
     with pytest.raises(ValueError, match="no such prefetch"):
         native.set_prefetch(64, 1)
     native.set_prefetch(*chosen.prefetch)  # (accepted: the candidates are the kernel's)
+
+
+@pytest.mark.skipif(routes.available_cores() < 2, reason="one core here: there is no thread count to choose")
+@pytest.mark.parametrize("slow", [1, 2])
+def test_a_thread_count_made_slow_is_never_chosen(timed, monkeypatch, slow):
+    current = {"threads": 1}
+    set_threads, times_rows = native.set_threads, native.PackedBlocks.times_rows
+
+    def recorded(threads, *args):
+        current["threads"] = threads
+        set_threads(threads, *args)
+
+    def slowed_when_shared(self, *args):
+        if current["threads"] == slow:
+            time.sleep(0.002)
+        return times_rows(self, *args)
+
+    monkeypatch.setattr(native, "set_threads", recorded)
+    monkeypatch.setattr(native.PackedBlocks, "times_rows", slowed_when_shared)
+    chosen = routes.chosen()
+    assert chosen.threads != slow
+    assert current["threads"] == chosen.threads  # the process runs with the choice

@@ -37,15 +37,17 @@ from . import rounding
 SOURCE = Path(__file__).with_name("one_frame.c")
 DISABLE_ENV = "MIMI_NATIVE"  # "0": never build or load the kernel
 ARCH_ENV = "MIMI_NATIVE_ARCH"  # the -march to build for (default native: x86-64-v3 builds for AVX2 only)
-FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-pthread")
 COMPILE_TIMEOUT_S = 120
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux's <sys/mman.h>
+SPIN_US = 500  # a helper thread spins this long for the next product (a frame's come ~0.1–0.5 ms apart)
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {  # the functions of one_frame.c: (result, arguments)
     "mimi_block_size": (_I, []),
     "mimi_set_prefetch": (_I, [_L, _I]),
+    "mimi_set_threads": (_I, [_I, _L]),
     "mimi_rows_times_blocks": (None, [_P, _I, _I, _P, _L, _I, _P, _P, _P, _P]),
     "mimi_window_attention": (None, [_P, _L, _L, _P, _P, _L, _I, _I, _I, _I, _I, _I, _F, _P, _P]),
     "mimi_rope_attention": (None, [_P, _P, _P, _P, _P, _L, _I, _I, _I, _I, _I, _F, _P, _P, _P]),
@@ -106,6 +108,15 @@ def set_prefetch(floats_ahead: int, locality: int) -> None:
     lib = library()
     if lib is not None and lib.mimi_set_prefetch(floats_ahead, locality) != 0:
         raise ValueError(f"no such prefetch: {floats_ahead} floats ahead, locality {locality}")
+
+
+def set_threads(threads: int, spin_us: int = SPIN_US) -> None:
+    """How many threads share each product's blocks (1: the calling thread alone), and how long (µs) a
+    helper waits, spinning, for the next product before it sleeps; `routes` sets what is fastest here.
+    Does nothing where the kernel is not available."""
+    lib = library()
+    if lib is not None and lib.mimi_set_threads(threads, spin_us) != 0:
+        raise ValueError(f"cannot run products on {threads} threads")
 
 
 def window_attention(

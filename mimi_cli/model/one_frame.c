@@ -9,9 +9,20 @@
  * How far ahead, and into which cache, is set per machine (`mimi_set_prefetch`, chosen by timing in
  * `routes.py`): an AMD EPYC read 33 GB/s with non-temporal prefetches 8 KiB ahead, where an Intel Xeon
  * read 5.5 GB/s with the same ones and 12–13 GB/s with prefetches into L2 2–4 KiB ahead.
+ *
+ * One core may not saturate memory (the same Xeon: 16 GB/s on one thread, 33 on two), so a product's
+ * blocks may be shared with helper threads (`mimi_set_threads`, also chosen by timing). Each thread
+ * claims blocks from one counter, so the calling thread never waits for a helper that is not running:
+ * it does every block itself if need be, and waits only for blocks a helper has claimed. Helpers spin
+ * a while between products (a frame's products come a few hundred µs apart), then sleep.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <time.h>
 
 #define BLOCK 32 /* outputs per block: 2 AVX-512 or 4 AVX2 registers per row */
 #define CHUNK 64 /* steps summed apart before being added to the total */
@@ -76,35 +87,171 @@ BLOCK_TIMES_ROWS_UP_TO_4(3)
 
 int mimi_block_size(void) { return BLOCK; }
 
+/* One product of `mimi_rows_times_blocks`, as the threads that share it see it. */
+struct product {
+    const float *blocks, *x, *bias, *gain, *residual;
+    float *y;
+    long x_stride;
+    int in, out, rows, num_blocks;
+};
+
+/* Blocks [first, last) of a product. */
+static void product_blocks(const struct product *p, int first_block, int last_block) {
+    float acc[4][BLOCK];
+    for (int b = first_block; b < last_block; b++) {
+        const float *w = p->blocks + (size_t)b * p->in * BLOCK;
+        const int first = b * BLOCK, count = p->out - first < BLOCK ? p->out - first : BLOCK;
+        for (int r0 = 0; r0 < p->rows; r0 += 4) {
+            const int group = p->rows - r0 < 4 ? p->rows - r0 : 4;
+            const float *xs[4];
+            for (int r = 0; r < group; r++) xs[r] = p->x + (size_t)(r0 + r) * p->x_stride;
+            switch (locality) {
+                case 0: block_times_rows_0(w, p->in, xs, group, acc); break;
+                case 2: block_times_rows_2(w, p->in, xs, group, acc); break;
+                default: block_times_rows_3(w, p->in, xs, group, acc); break;
+            }
+            for (int r = 0; r < group; r++) {
+                const size_t row = (size_t)(r0 + r) * p->out + first;
+                for (int j = 0; j < count; j++) {
+                    float value = p->bias ? acc[r][j] + p->bias[first + j] : acc[r][j];
+                    if (p->gain) value *= p->gain[first + j];
+                    p->y[row + j] = p->residual ? p->residual[row + j] + value : value;
+                }
+            }
+        }
+    }
+}
+
+/* ---- threads sharing a product's blocks ---------------------------------------------------------- */
+
+#define MAX_THREADS 16
+#define CLAIM 2 /* blocks claimed at a time: 128 KiB of a [*, 512] weight */
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    /* the job: its generation in the high 32 bits, the next unclaimed block in the low 32 */
+    _Atomic uint64_t ticket;
+    atomic_int done;     /* blocks of the job finished */
+    atomic_int sleepers; /* helpers asleep on `wake` */
+    atomic_int busy;     /* a caller is using the pool (a second caller computes alone) */
+    /* job g lies in jobs[g % 2]: the slot written for job g + 1 is not the one a late helper of job g
+     * reads, and a claim on job g (ticket's generation g) proves that g's slot is still whole */
+    struct product jobs[2];
+    int started, wanted; /* helpers running, helpers wanted (threads - 1) */
+    long spin_ns;        /* how long a helper spins for the next job before it sleeps */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, {{0}}, 0, 0, 200000};
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Claims and computes blocks of job `generation` until none is left (or the job is another's). */
+static void share(uint32_t generation) {
+    for (;;) {
+        uint64_t ticket = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+        if ((uint32_t)(ticket >> 32) != generation) return;
+        /* read before the claim: a claim that succeeds proves the slot was not rewritten meanwhile */
+        const struct product job = pool.jobs[generation % 2];
+        const int first = (int)(uint32_t)ticket;
+        if (first >= job.num_blocks) return;
+        const int last = first + CLAIM < job.num_blocks ? first + CLAIM : job.num_blocks;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + (uint64_t)(last - first))) continue;
+        product_blocks(&job, first, last);
+        atomic_fetch_add_explicit(&pool.done, last - first, memory_order_release);
+    }
+}
+
+static void *helper(void *index) {
+    const int me = (int)(intptr_t)index;
+    uint32_t seen = (uint32_t)(atomic_load(&pool.ticket) >> 32);
+    for (;;) {
+        long spun_since = now_ns();
+        for (int spins = 0; (uint32_t)(atomic_load(&pool.ticket) >> 32) == seen; spins++) {
+            relax();
+            if ((spins & 63) == 0 && now_ns() - spun_since > pool.spin_ns) {
+                pthread_mutex_lock(&pool.lock);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while ((uint32_t)(atomic_load(&pool.ticket) >> 32) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.lock);
+                spun_since = now_ns();
+            }
+        }
+        seen = (uint32_t)(atomic_load(&pool.ticket) >> 32);
+        if (me < pool.wanted) share(seen); /* helpers beyond the wanted count stay idle */
+    }
+    return 0;
+}
+
+
+/* In a child made by fork, where the helpers do not exist: the caller computes alone. */
+static void forget_helpers(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.busy, 0);
+    pool.started = pool.wanted = 0;
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_helpers); }
+
+/* Threads that share a product's blocks (1: the caller alone; at most MAX_THREADS) and how long
+ * (µs) a helper spins for the next product before it sleeps; 0 on success. */
+int mimi_set_threads(int threads, long spin_us) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    if (threads < 1 || threads > MAX_THREADS || spin_us < 0) return 1;
+    pthread_once(&once, register_fork_handler);
+    pthread_mutex_lock(&pool.lock);
+    pool.spin_ns = spin_us * 1000;
+    while (pool.started < threads - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, helper, (void *)(intptr_t)pool.started);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.started++;
+    }
+    pool.wanted = threads - 1 < pool.started ? threads - 1 : pool.started;
+    pthread_mutex_unlock(&pool.lock);
+    return pool.wanted == threads - 1 ? 0 : 2;
+}
+
 /* y [rows][out] = residual + gain ⊙ (x @ weightᵀ + bias), x row r at x + r * x_stride, weight in blocks
  * [ceil(out / BLOCK)][in][BLOCK] (the last block zero-padded); bias, gain and residual ([rows][out]) may
  * each be NULL (none, ones, zeros). y may be the residual itself. */
 void mimi_rows_times_blocks(const float *blocks, int in, int out, const float *x, long x_stride, int rows,
                             const float *bias, const float *gain, const float *residual, float *y) {
-    float acc[4][BLOCK];
     const int num_blocks = (out + BLOCK - 1) / BLOCK;
-    for (int b = 0; b < num_blocks; b++) {
-        const float *w = blocks + (size_t)b * in * BLOCK;
-        const int first = b * BLOCK, count = out - first < BLOCK ? out - first : BLOCK;
-        for (int r0 = 0; r0 < rows; r0 += 4) {
-            const int group = rows - r0 < 4 ? rows - r0 : 4;
-            const float *xs[4];
-            for (int r = 0; r < group; r++) xs[r] = x + (size_t)(r0 + r) * x_stride;
-            switch (locality) {
-                case 0: block_times_rows_0(w, in, xs, group, acc); break;
-                case 2: block_times_rows_2(w, in, xs, group, acc); break;
-                default: block_times_rows_3(w, in, xs, group, acc); break;
-            }
-            for (int r = 0; r < group; r++) {
-                const size_t row = (size_t)(r0 + r) * out + first;
-                for (int j = 0; j < count; j++) {
-                    float value = bias ? acc[r][j] + bias[first + j] : acc[r][j];
-                    if (gain) value *= gain[first + j];
-                    y[row + j] = residual ? residual[row + j] + value : value;
-                }
-            }
-        }
+    const struct product job = {blocks, x, bias, gain, residual, y, x_stride, in, out, rows, num_blocks};
+    if (pool.wanted == 0 || num_blocks < 2 * CLAIM || atomic_exchange(&pool.busy, 1)) {
+        product_blocks(&job, 0, num_blocks);
+        return;
     }
+    const uint32_t generation = (uint32_t)(atomic_load(&pool.ticket) >> 32) + 1;
+    pool.jobs[generation % 2] = job;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.ticket, (uint64_t)generation << 32); /* publishes the job */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    share(generation);
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < num_blocks) relax();
+    atomic_store(&pool.busy, 0);
 }
 
 /* Sum of a[d] * b[d]: in 16 lanes, then halved four times (no chain of dim dependent adds). */

@@ -6,6 +6,8 @@ where oneDNN read 21–26; on an Intel Xeon the same kernel read 5.5 GB/s (its n
 where oneDNN read 9–10. So the first one-frame call times the candidates on the machine at hand:
 
 - the kernel's prefetch: distance and cache level (`native.set_prefetch`);
+- the kernel's threads: how many share each product's blocks (`native.set_threads`; one core of an
+  Intel Xeon read 16 GB/s where two read 33);
 - products (the transformers' projections; the same choice is taken for the other large products of
   one frame, the quantizer's distance tables and few-output convolutions): the kernel, oneDNN's
   packed rows or the BLAS, on the released model's four projection shapes, read cold;
@@ -14,10 +16,11 @@ where oneDNN read 9–10. So the first one-frame call times the candidates on th
 
 The choice is written as JSON beside the compiled kernel (`cache_dir()/kernels`), keyed like it (its
 source, compiler, flags and CPU), by this module's source (how the choice is made), by torch's
-version and instruction-set settings and by torch's thread count (oneDNN and the BLAS read with every
-thread, the kernel with one: a live process, on one thread, and a folder encode, on two, may choose
-differently), so it is redone when any of those change. `MIMI_NATIVE=1`
-takes the kernel everywhere it can run, `MIMI_NATIVE=0` never (torch's routes), without timing.
+version and instruction-set settings, by torch's thread count (oneDNN and the BLAS read with every
+thread, the kernel with its own: a live process, on one thread, and a folder encode, on two, may choose
+differently) and by the cores this process may run on, so it is redone when any of those change.
+`MIMI_NATIVE=1` takes the kernel everywhere it can run, `MIMI_NATIVE=0` never (torch's routes), without
+timing.
 """
 
 from __future__ import annotations
@@ -37,31 +40,35 @@ import torch.nn.functional as F
 from .. import fpcache
 from . import native, onednn
 
-ROUTES_VERSION = 1
+ROUTES_VERSION = 2
 PRODUCT_SHAPES = ((1536, 512), (512, 512), (2048, 512), (512, 2048))  # q/k/v, o, fc1, fc2 of a layer
 LAYERS_READ = 10  # copies of the four shapes read in turn: 120 MiB (see `time_routes`)
 PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahead in (512, 2048))
 # interleaved rounds; each candidate's fastest counts (a memory-bound read only loses time to noise)
 ROUNDS = 5
+MAX_KERNEL_THREADS = 4  # beyond this a live frame's products gain little, and other work needs cores
 ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 @dataclass(frozen=True)
 class Routes:
     """The routes of one-frame calls: "kernel", "onednn" or "blas" for products, "kernel" or "torch"
-    for attention, the kernel's prefetch (floats ahead, locality), and the timings behind them (µs)."""
+    for attention, the kernel's prefetch (floats ahead, locality) and threads, and the timings behind
+    them (µs)."""
 
     products: str = "kernel"
     attention: str = "kernel"
     prefetch: tuple[int, int] = (2048, 0)
+    threads: int = 1
     timings_us: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """One line: the route per layer kind, and the kernel's prefetch."""
+        """One line: the route per layer kind, and the kernel's prefetch and threads."""
         ahead, locality = self.prefetch
         level = {0: "non-temporal", 2: "into L2", 3: "into L1"}.get(locality, str(locality))
         prefetch = f"{4 * ahead // 1024} KiB ahead {level}"
-        return f"products: {self.products}, attention: {self.attention}, kernel prefetch: {prefetch}"
+        kernel = f"kernel prefetch: {prefetch}, kernel threads: {self.threads}"
+        return f"products: {self.products}, attention: {self.attention}, {kernel}"
 
 
 TORCH_ONLY = Routes(products="onednn", attention="torch")
@@ -91,6 +98,7 @@ def chosen() -> Routes:
         routes = time_routes()
         _write(path, routes)
     native.set_prefetch(*routes.prefetch)
+    native.set_threads(routes.threads)
     if os.environ.get(native.DISABLE_ENV) == "1":
         routes = replace(routes, products="kernel", attention="kernel")
     return routes
@@ -101,8 +109,9 @@ def cache_path(lib: object) -> Path:
     kernel = Path(getattr(lib, "_name", "kernel"))
     timing = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # how the choice is made
     settings = (f"{name}={os.environ.get(name, '')}" for name in ENVIRONMENT)
-    threads = f"threads={torch.get_num_threads()}"  # oneDNN and the BLAS use them all, the kernel one
-    parts = [kernel.name, timing, torch.__version__, threads, *settings]
+    threads = f"threads={torch.get_num_threads()}"  # oneDNN and the BLAS use them all
+    cores = f"cores={available_cores()}"  # the kernel's helper threads run on them
+    parts = [kernel.name, timing, torch.__version__, threads, cores, *settings]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return kernel.with_name(f"routes-{key}.json")
 
@@ -134,6 +143,10 @@ def time_routes() -> Routes:
     )
     best_prefetch = min(prefetch_times, key=prefetch_times.get)
     native.set_prefetch(*best_prefetch)
+    counts = range(1, min(available_cores(), MAX_KERNEL_THREADS) + 1)
+    thread_times = _fastest({count: _threaded(count, kernel) for count in counts})
+    best_threads = min(thread_times, key=thread_times.get)
+    native.set_threads(best_threads)
     from .linear import weight_times_rows  # (linear imports this module)
 
     blas = [
@@ -146,12 +159,14 @@ def time_routes() -> Routes:
     product_times = _fastest(candidates)
     attention_times = _fastest(_attention_candidates(generator))
     timings = {f"prefetch {ahead}/{locality}": t for (ahead, locality), t in prefetch_times.items()}
+    timings |= {f"kernel threads {count}": t for count, t in thread_times.items()}
     timings |= {f"products {name}": t for name, t in product_times.items()}
     timings |= {f"attention {name}": t for name, t in attention_times.items()}
     return Routes(
         products=min(product_times, key=product_times.get),
         attention=min(attention_times, key=attention_times.get),
         prefetch=best_prefetch,
+        threads=best_threads,
         timings_us={name: round(t * 1e6, 1) for name, t in timings.items()},
     )
 
@@ -162,6 +177,22 @@ def _prefetched(prefetch: tuple[int, int], call: Callable[[], None]) -> Callable
         call()
 
     return run
+
+
+def _threaded(threads: int, call: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        native.set_threads(threads)
+        call()
+
+    return run
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the system says, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _attention_candidates(generator: torch.Generator) -> dict[str, Callable[[], None]]:
@@ -228,6 +259,7 @@ def _read(path: Path) -> Routes | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     valid = routes.products in ("kernel", "onednn", "blas") and routes.attention in ("kernel", "torch")
+    valid = valid and isinstance(routes.threads, int) and 1 <= routes.threads <= MAX_KERNEL_THREADS
     return routes if valid and all(isinstance(x, int) for x in routes.prefetch) else None
 
 
