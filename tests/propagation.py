@@ -65,7 +65,10 @@ ALLOCATIONS = {"new_empty", "new_zeros", "zeros_like", "empty_like", "zeros", "o
 
 
 def _name(func: Callable) -> str:
-    return getattr(func, "__name__", str(func))
+    name = getattr(func, "__name__", str(func))
+    if name == "__get__":  # a property (x.mT, x.T) comes as its descriptor's __get__
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
 
 
 def _products(func: Callable, args: Sequence, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
@@ -141,7 +144,7 @@ RULES: dict[str, Callable[[Sequence, dict, torch.Tensor], torch.Tensor]] = {
     **dict.fromkeys(["add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul", "__mul__",
                      "__rmul__", "div", "__truediv__"], _one_rounding),
 }  # fmt: skip
-PRODUCTS = {"linear", "conv2d", "matmul", "__matmul__"}
+PRODUCTS = {"linear", "conv2d", "matmul", "__matmul__", "mm"}
 
 
 def _sums(grads: Sequence[torch.Tensor | None], bounds: Sequence[tuple[torch.Tensor, int]]) -> tuple:
@@ -311,8 +314,9 @@ def decoder_bound(
     window_steps: int = 4,
     count: int = 4,
 ) -> ErrorBound:
-    """The bound for decoding `codes` with `model`, at positions where float32 `routes` ([1, 1, T])
-    depart most from the exact output and `count` more, in windows of `window_steps` latent steps:
+    """The bound for decoding `codes` with `model`, at positions where float32 `routes` ([1, 1, T], T up
+    to the decode's length: a route cut short is checked where it has samples) depart most from the
+    exact output and `count` more, in windows of `window_steps` latent steps:
     in the middle, at the end, and where the routes differ most from each other.
 
     The quantizer's sums and projections, the upsampling and the transformer run over every frame in
@@ -327,7 +331,10 @@ def decoder_bound(
         output = twin.decoder_transformer(twin.upsample(_latents(model, codes), stream), stream)
     upstream = _Upstream(deep, output, output.detach().requires_grad_())
     latents = upstream.leaf
-    ends = {latents.shape[1] // 2, latents.shape[1] - 1}
+    length = min([latents.shape[1] * hop, *(route.numel() for route in routes)])
+    assert length > 0, "no samples to check"
+    last = (length - 1) // hop  # the routes may be cut short (a file's original length)
+    ends = {min(latents.shape[1] // 2, last), last}
     for a, b in zip(routes, routes[1:], strict=False):
         ends.add(int((a - b).abs().flatten().argmax()) // hop)
     parts = []
@@ -337,8 +344,8 @@ def decoder_bound(
         sites = _Sites()
         with torch.enable_grad(), sites:
             audio = twin.decoder(latents[:, start : end + 1], Stream(final=True)).reshape(-1)
-        checked = audio[(first - start) * hop :]
-        window = [route.reshape(-1)[first * hop : (end + 1) * hop] for route in routes]
+        checked = audio[(first - start) * hop :][: length - first * hop]
+        window = [route.reshape(-1)[first * hop : min(length, (end + 1) * hop)] for route in routes]
         part = sites.bound_at(checked, _positions(checked.detach(), window, count), upstream)
         parts.append(dataclasses.replace(part, positions=part.positions + first * hop))
     return ErrorBound.joined(parts)

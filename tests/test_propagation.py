@@ -68,3 +68,16 @@ def test_decoder_windows_equal_the_whole_decode(tiny_weights):
     torch.testing.assert_close(bound.exact, whole[bound.positions], rtol=1e-12, atol=1e-15)
     bound.check(decoded, "one pass")
     assert bool((bound.bound < bound.worst).all())  # (the worst case adds every error with one sign)
+
+
+def test_a_route_cut_short_is_checked_where_it_has_samples(tiny_weights):
+    """A file's audio is cut to its original length (here 1200 samples of a 1920-sample frame): the
+    bound covers positions inside it only, one frame decodes through the transformer's one-frame
+    products (torch.mm of a transposed view) and they have their rule too."""
+    model = load_model(tiny_weights)
+    codes = model.encode(torch.from_numpy(speech_like(0.05))[None, None], 8, chunk_frames=None)
+    assert codes.shape[-1] == 1
+    decoded = model.decode(codes, 1200)
+    bound = decoder_bound(model, codes, decoded)
+    assert len(bound.positions) >= 4 and int(bound.positions.max()) < 1200
+    bound.check(decoded, "cut short")
