@@ -395,6 +395,7 @@ def test_rerun_redoes_only_missing_or_incomplete_shards(corpus, dataset, tiny_we
     cut.write_bytes(cut.read_bytes()[:100])  # incomplete
     (out / ".part-00003.parquet.1a2b3c4d.tmp").write_bytes(b"left by a killed run")
     (out / "part-00009.parquet").write_bytes(b"a shard the plan no longer has")
+    (out / ".part-00009.parquet.inputs").write_bytes(b"and its sidecar")
     code, output = tokenize(corpus, out, tiny_weights, "--shard-size", 3)
     assert "2 shards written, 2 kept" in output
     after = {p.name: p.stat().st_mtime_ns for p in parts(out)}
@@ -402,6 +403,9 @@ def test_rerun_redoes_only_missing_or_incomplete_shards(corpus, dataset, tiny_we
     assert after["part-00003.parquet"] == before["part-00003.parquet"]
     assert shard_bytes(out) == shard_bytes(reference)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    (out / ".part-00003.parquet.inputs").unlink()  # as a run killed between a shard and its sidecar
+    code, output = tokenize(corpus, out, tiny_weights, "--shard-size", 3)
+    assert "1 shards written, 3 kept" in output and (out / ".part-00003.parquet.inputs").exists()
 
     write_audio_changed = corpus / "a.wav"
     stamp = write_audio_changed.stat()
@@ -413,6 +417,7 @@ def test_rerun_redoes_only_missing_or_incomplete_shards(corpus, dataset, tiny_we
     finally:
         os.utime(write_audio_changed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert "1 shards written, 3 kept" in output  # only a.wav's shard
+    assert shard_bytes(out) == shard_bytes(reference)  # the same file: its sidecar (the mtime) differed
     code, output = tokenize(corpus, out, tiny_weights, "--shard-size", 3, "--force")
     assert "4 shards written, 0 kept" in output
     code, output = tokenize(corpus, out, tiny_weights, "--shard-size", 3, "-k", 4)
@@ -449,7 +454,8 @@ def test_killed_driver_then_rerun_equals_an_uninterrupted_run(tiny_weights, tmp_
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert shard_bytes(out) == shard_bytes(reference)
     assert read_dataset(out).num_rows == 36
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temporary files cleaned up
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == sorted(f".{p.name}.inputs" for p in parts(out))  # sidecars only: temporaries gone
 
 
 def _with(args: list, out: Path) -> list:

@@ -148,4 +148,4 @@ def _write(top: Folder, target: str, audio: Any, rate: int, suffix: str) -> None
 
 def _all_names(folder: Folder) -> list[str]:
     """Every object below a prefix, relative to it (one listing)."""
-    return [r for url, _ in storage.find(folder.where) if (r := storage.relative_to(url, folder.where))]
+    return [relative for page in storage.find(folder.where) for relative, _ in page]

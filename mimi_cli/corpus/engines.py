@@ -53,7 +53,7 @@ class Assembler:
     ) -> None:
         self.out_dir, self.batch_size, self.carried, self.progress = out_dir, batch_size, carried, progress
         self.shards = {s.index: s for s in shards}
-        self.expected = {s.index: len(s.units(batch_size)) for s in shards}
+        self.expected = {s.index: -(-s.size // batch_size) for s in shards}
         self.parts: dict[int, dict[int, list[Encoded | Failed]]] = {}
         self.metas: dict[int, dict[str, Any]] = {}
         self.audio_seconds = 0.0
@@ -94,11 +94,11 @@ def run_local(
     reads run ahead by two units, or by twice the readers' count of inputs when units are small.
     One unit is in flight on the model's device while the next is read, batched and queued.
     """
-    units = [(s.index, u, unit) for s in shards for u, unit in enumerate(s.units(assembler.batch_size))]
+    units = ((s.index, u, unit) for s in shards for u, unit in enumerate(s.units(assembler.batch_size)))
     workers = max(1, workers)
     with reading_pool(workers, processes, audio_column) as submit:
         ahead: deque[tuple[int, int, list[Input], list[Pending]]] = deque()
-        pending = iter(units)
+        pending = units  # a shard's inputs are taken from the plan as its units are reached
         reading = 0  # inputs submitted and not yet handed to the model
         in_flight: tuple[int, int, Launched] | None = None  # queued on the device, not yet collected
         while True:

@@ -89,7 +89,7 @@ def tokenize(
         def carried(shard: Shard) -> Any:
             if source.carried is None:
                 return None
-            return source.carried.slice(shard.index * opts.shard_size, len(shard.inputs))
+            return source.carried.slice(shard.start, shard.size)
 
         assembler = Assembler(folder, todo, opts.batch_size, carried, progress)
         if todo and opts.engine == "local":

@@ -1,15 +1,19 @@
 """The dataset on disk: the shard plan, the row schema, atomic shard files, resume, the summary files.
 
     OUT_DIR/part-00000.parquet   rows of shard 0 (inputs 0 .. N-1 in sorted order, failures left out)
+           .part-00000.parquet.inputs   its sidecar: the signatures of its inputs (JSON of two hashes)
            part-00001.parquet   ...
            failures.jsonl       {"id": ..., "error": ...} per input that could not be read or encoded
            README.md            the dataset card (Hugging Face `configs`: load_dataset(OUT_DIR) works)
            dataset.json         codebooks, fingerprint, rates, totals, the shard list
 
 Inputs are cut into shards deterministically (sorted, `shard_size` each). Every shard file carries in
-its Parquet metadata (key "mimi") its shard's key (a hash of its inputs, their file signatures, the
-codebooks and the weights fingerprint) and its failed inputs: a shard file is complete when it reads
-back with the key of the plan and the row count it announces; anything else is redone. Files appear
+its Parquet metadata (key "mimi") its shard's key (a hash of its inputs' ids and rows, the codebooks
+and the weights fingerprint: nothing that depends on where the inputs are kept, so a shard is the same
+file from a folder or a bucket) and its failed inputs. Beside it, a hidden sidecar
+(`.part-00000.parquet.inputs`, written after the shard) records the shard's key and a hash of its inputs'
+signatures (sizes and mtimes, or ETags). A shard is current when it reads back with the plan's key and
+the row count it announces and its sidecar holds the plan's signatures; anything else is redone. Files appear
 whole only (renamed into place in a folder, put in one request in a bucket), so a killed run leaves
 complete shards or hidden temporary files, never half a shard. The summary files are written last.
 See docs/DATASET.md for the row schema.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +33,7 @@ from .. import __version__
 from ..config import FRAME_SIZE, SAMPLE_RATE
 from ..errors import MimiError
 from .encoding import Encoded, Failed
-from .sources import Input
+from .sources import Input, Inputs
 from .storage import Folder
 
 if TYPE_CHECKING:
@@ -39,6 +43,7 @@ FAILURES = "failures.jsonl"
 DATASET = "dataset.json"
 CARD = "README.md"  # the dataset card: `datasets.load_dataset(OUT_DIR)` reads its `configs`
 META_KEY = b"mimi"
+SIDECAR_SUFFIX = ".inputs"  # .part-00000.parquet.inputs: the signatures of the shard's inputs
 SHARD_NAME = re.compile(r"part-(\d{5,})\.parquet")
 ROW_COLUMNS = ("id", "codes", "num_frames", "duration", "sample_rate", "num_samples", "channels")
 RENAMED_PREFIX = "source_"  # a carried column named like one of ours is carried as source_<name>
@@ -46,31 +51,59 @@ RENAMED_PREFIX = "source_"  # a carried column named like one of ours is carried
 
 @dataclass(frozen=True)
 class Shard:
+    """Inputs start … stop-1 of the plan. `key` hashes what the shard's bytes depend on (its inputs' ids
+    and rows, the codebooks, the weights): it is in the shard, so that the shard is the same file
+    wherever the inputs were read from. `inputs_key` hashes the inputs' signatures (sizes and mtimes
+    here, ETags in a bucket): it goes in the shard's sidecar, and says whether an input changed."""
+
     index: int
-    inputs: tuple[Input, ...]
+    start: int
+    stop: int
     key: str
+    inputs_key: str
+    source: Inputs = field(repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return f"part-{self.index:05d}.parquet"
 
+    @property
+    def sidecar(self) -> str:
+        return sidecar_name(self.name)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def inputs(self) -> list[Input]:
+        return self.source.slice(self.start, self.stop)
+
     def units(self, batch_size: int) -> list[list[Input]]:
         """Consecutive groups of up to `batch_size` inputs: what one forward pass encodes."""
-        items = list(self.inputs)
+        items = self.inputs
         return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def plan_shards(inputs: list[Input], shard_size: int, codebooks: int, fingerprint: bytes) -> list[Shard]:
+def sidecar_name(shard: str) -> str:
+    """The hidden file beside a shard that records its inputs' signatures: .part-00000.parquet.inputs"""
+    return f".{shard}{SIDECAR_SUFFIX}"
+
+
+def plan_shards(inputs: Inputs, shard_size: int, codebooks: int, fingerprint: bytes) -> list[Shard]:
     """`inputs` (already in their sorted order) cut into shards of `shard_size`."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     shards = []
     for index, start in enumerate(range(0, len(inputs), shard_size)):
-        part = tuple(inputs[start : start + shard_size])
-        digest = hashlib.sha256(f"mimi-shard 1 {codebooks} {fingerprint.hex()}\n".encode())
-        for item in part:
-            digest.update(f"{item.id}\t{item.row}\t{item.signature}\n".encode())
-        shards.append(Shard(index, part, digest.hexdigest()))
+        stop = min(start + shard_size, len(inputs))
+        digest = hashlib.sha256(f"mimi-shard 2 {codebooks} {fingerprint.hex()}\n".encode())
+        for name, row in inputs.keys(start, stop):
+            digest.update(f"{name}\t{row}\n".encode())
+        signed = hashlib.sha256(f"mimi-inputs 1 {digest.hexdigest()}\n".encode())
+        for signature in inputs.signature_list(start, stop):
+            signed.update(f"{signature}\n".encode())
+        shards.append(Shard(index, start, stop, digest.hexdigest(), signed.hexdigest(), inputs))
     return shards
 
 
@@ -106,7 +139,7 @@ def write_shard(
     meta = {
         "key": shard.key,
         "rows": len(rows),
-        "inputs": len(shard.inputs),
+        "inputs": shard.size,
         "audio_seconds": sum(r.duration for r in rows),
         "failures": failures,
     }
@@ -127,7 +160,14 @@ def write_shard(
     table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     with out_dir.writer(shard.name) as out:  # renamed into place here, put whole into a bucket
         pq.write_table(table, out, compression="zstd")
+    # After the shard, never before: a run killed in between leaves a shard without its sidecar (or with
+    # an older one), which the next run redoes, never a stale shard that looks current.
+    out_dir.write(shard.sidecar, sidecar(shard))
     return meta
+
+
+def sidecar(shard: Shard) -> bytes:
+    return (json.dumps({"shard": shard.key, "inputs": shard.inputs_key}) + "\n").encode()
 
 
 def _codes_array(rows: list[Encoded]) -> pa.Array:
@@ -149,14 +189,18 @@ def _codes_array(rows: list[Encoded]) -> pa.Array:
 def completed(out_dir: Folder, shard: Shard, present: set[str] | None = None) -> dict[str, Any] | None:
     """The metadata of a complete, current shard file; None when it must be (re)written.
 
-    `present`: the names in OUT_DIR (one listing), to skip absent shards without asking for each.
+    Current: the file reads back with the plan's key and the row count it announces, and its sidecar
+    records the plan's signatures of its inputs. `present`: the names in OUT_DIR (one listing), to skip
+    absent shards without asking for each.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if present is not None and shard.name not in present:
+    if present is not None and not {shard.name, shard.sidecar} <= present:
         return None
     try:
+        if out_dir.read(shard.sidecar) != sidecar(shard):
+            return None
         with out_dir.open(shard.name) as handle:
             metadata = pq.read_metadata(handle)
         meta = json.loads((metadata.metadata or {}).get(META_KEY, b"{}"))
@@ -168,15 +212,18 @@ def completed(out_dir: Folder, shard: Shard, present: set[str] | None = None) ->
 
 
 def remove_leftovers(out_dir: Folder, shards: list[Shard], names: list[str]) -> list[str]:
-    """Remove the temporary files of killed runs and part files the plan no longer has; their names.
+    """Remove the temporary files of killed runs, and the part files (and sidecars) the plan no longer
+    has; their names.
 
     `names`: the files in OUT_DIR.
     """
-    wanted = {s.name for s in shards}
+    wanted = {n for s in shards for n in (s.name, s.sidecar)}
     removed = []
     for name in names:
-        temporary = name.startswith(".part-") and name.endswith(".tmp")
-        stale = SHARD_NAME.fullmatch(name) and name not in wanted
+        temporary = name.lstrip(".").startswith("part-") and name.endswith(".tmp")
+        shard = name.removeprefix(".").removesuffix(SIDECAR_SUFFIX)
+        ours = SHARD_NAME.fullmatch(shard) and name in (shard, sidecar_name(shard))
+        stale = ours and name not in wanted
         if temporary or stale:
             out_dir.remove(name)
             removed.append(name)
@@ -219,7 +266,7 @@ def finish_dataset(
         "frame_size": FRAME_SIZE,
         "frame_rate": SAMPLE_RATE / FRAME_SIZE,
         "source": source,
-        "inputs": sum(len(s.inputs) for s in shards),
+        "inputs": sum(s.size for s in shards),
         "rows": rows,
         "failed": len(failures),
         "audio_hours": round(seconds / 3600, 6),

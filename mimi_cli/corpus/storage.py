@@ -307,31 +307,80 @@ def stat(url: str) -> str:
         return "missing"
 
 
-def find(url: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every object below the prefix `url` as (URL, listing entry), folder by folder.
+LIST_WORKERS = 8  # pages (of different folders) asked for at once
+Listed = tuple[str, str]
+"""An object found by `find`: its path relative to the prefix listed (posix), and its signature."""
+Page = tuple[list[Listed], list[str], str | None]
+"""One page of a folder's listing: its objects (paths within the file system), its sub-folders, and the
+token of the next page (None after the last)."""
 
-    One listing per folder (paged by the store), each retried as a whole on a transient error, so that
-    memory holds one folder's entries at a time, not the whole prefix's (fsspec's `find` gathers every
-    entry first: ~10 KB an object, 1.4 GB for 100,000).
+
+def find(url: str, skip: str | None = None) -> Iterator[list[Listed]]:
+    """Every object below the prefix `url`, page by page: lists of (relative path, signature).
+
+    Each folder is listed with a delimiter, one page (1,000 keys on S3) a request, and up to
+    LIST_WORKERS pages of different folders are asked for at once, so that the client parses one page
+    while the store answers others. Memory holds the pages in flight, never a whole folder nor the
+    whole prefix (fsspec's `find` gathers every entry first: ~10 KB an object). `skip`: a folder below
+    `url` (relative, posix) not descended into. Each page is retried as a whole on a transient error.
     """
-    fs, path = filesystem(url)
-    scheme = url.partition("://")[0]
-    pending = [path]
-    while pending:
-        folder = pending.pop()
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    fs, root = filesystem(url)
+    root = root.strip("/")
+    lister = _s3_page if url.startswith("s3://") else _ls_page
+    skipped = f"{root}/{skip.strip('/')}" if skip else None
+    cut = len(root) + 1
+
+    def listed(folder: str, token: str | None) -> Page:
+        return call(url, lambda: lister(fs, folder, token), "cannot list:")
+
+    with ThreadPoolExecutor(LIST_WORKERS, thread_name_prefix="mimi-list") as pool:
+        running: dict[Future[Page], str] = {pool.submit(listed, root, None): root}
         try:
-            entries = call(
-                url, lambda folder=folder: fs.ls(folder, detail=True, refresh=True), "cannot list:"
-            )
-        except MimiError:
-            if folder == path and kind(url) == "missing":
-                return
-            raise
-        for info in entries:
-            if info.get("type") == "directory":
-                pending.append(info["name"])
-            else:
-                yield f"{scheme}://{info['name']}", info
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    folder = running.pop(future)
+                    try:
+                        files, folders, token = future.result()
+                    except MimiError:
+                        if folder == root and kind(url) == "missing":
+                            return  # no such prefix (yet): nothing below it
+                        raise
+                    if token is not None:
+                        running[pool.submit(listed, folder, token)] = folder
+                    for sub in folders:
+                        if sub != skipped:
+                            running[pool.submit(listed, sub, None)] = sub
+                    yield [(name[cut:], signature) for name, signature in files]
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def _s3_page(fs: Any, folder: str, token: str | None) -> Page:
+    """A page of ListObjectsV2 (s3fs's own listing gathers a folder's pages before it returns)."""
+    bucket, _, prefix = folder.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "Delimiter": "/"}
+    if token is not None:
+        request["ContinuationToken"] = token
+    answer = fs.call_s3("list_objects_v2", **request)
+    files = [
+        (f"{bucket}/{c['Key']}", f"{c['Size']}:{c.get('ETag', '').strip(chr(34))}")
+        for c in answer.get("Contents", ())
+        if not c["Key"].endswith("/")  # a folder's placeholder object
+    ]
+    folders = [f"{bucket}/{p['Prefix'].rstrip('/')}" for p in answer.get("CommonPrefixes", ())]
+    more = answer.get("IsTruncated") and answer.get("NextContinuationToken")
+    return files, folders, more or None
+
+
+def _ls_page(fs: Any, folder: str, token: str | None) -> Page:
+    """A whole folder as one page, for file systems without paged listings here (gcsfs, HfFileSystem)."""
+    entries = fs.ls(folder, detail=True, refresh=True)
+    files = [(e["name"], signature(e)) for e in entries if e.get("type") != "directory"]
+    return files, [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"], None
 
 
 def kind(where: str) -> str:
