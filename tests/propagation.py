@@ -323,12 +323,15 @@ def decoder_bound(
     float64; the SEANet decoder (the costly part, local in time) only over each window after
     WARMUP_STEPS more, where its output and everything it depends on equal those of the whole decode.
     """
-    twin = copy.deepcopy(model).double()
+    # float64 twins of the decoding parts only (a copy of the whole full-size model costs seconds)
+    upsample, transformer, decoder = (
+        copy.deepcopy(part).double() for part in (model.upsample, model.decoder_transformer, model.decoder)
+    )
     hop = model.config.frame_size // 2  # samples per latent step (25 Hz)
     deep = _Sites()
     with torch.enable_grad(), deep:
         stream = Stream(final=True)
-        output = twin.decoder_transformer(twin.upsample(_latents(model, codes), stream), stream)
+        output = transformer(upsample(_latents(model, codes), stream), stream)
     upstream = _Upstream(deep, output, output.detach().requires_grad_())
     latents = upstream.leaf
     length = min([latents.shape[1] * hop, *(route.numel() for route in routes)])
@@ -343,7 +346,7 @@ def decoder_bound(
         start = max(0, first - WARMUP_STEPS)
         sites = _Sites()
         with torch.enable_grad(), sites:
-            audio = twin.decoder(latents[:, start : end + 1], Stream(final=True)).reshape(-1)
+            audio = decoder(latents[:, start : end + 1], Stream(final=True)).reshape(-1)
         checked = audio[(first - start) * hop :][: length - first * hop]
         window = [route.reshape(-1)[first * hop : min(length, (end + 1) * hop)] for route in routes]
         part = sites.bound_at(checked, _positions(checked.detach(), window, count), upstream)
