@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from propagation import decoder_bound
 from safetensors.torch import save_file
 from signals import speech_like
+from ties import assert_flips_are_near_ties
 from weights_factory import (
     TINY_CONFIG,
     hub_config_json,
@@ -50,14 +52,29 @@ def test_tiny_model_from_folder_file_and_env(tiny_weights, monkeypatch):
 
 
 def test_original_layout_gives_same_codes_and_audio(tmp_path, full_weights, full_state):
+    """Both layouts load the very same tensors (bit for bit, every parameter and buffer): the mapping is
+    right. They do not necessarily compute bit for bit alike: the tensors of each file sit at their own
+    offsets (measured: 36 and 44 bytes past a 64-byte boundary), and a BLAS may pick its blocking, so
+    its summation order, by alignment. So the codes may differ only at near-ties (tests/ties.py), and
+    both decodes of one set of codes must be within the rounding bound of the exact decode
+    (tests/propagation.py), as any two routes of the same operations are."""
     hub = load_model(full_weights)
     original = load_model(write_original_layout(tmp_path / ORIGINAL_WEIGHTS_FILE, hub.config, full_state))
     assert original.fingerprint == hub.fingerprint
-    codes, audio = _encode_decode(hub, 3.0)
-    original_codes, original_audio = _encode_decode(original, 3.0)
+    ours, theirs = hub.state_dict(), original.state_dict()
+    assert ours.keys() == theirs.keys() and len(ours) > 100
+    for key, tensor in ours.items():
+        assert tensor.dtype == theirs[key].dtype and torch.equal(tensor, theirs[key]), key
+
+    audio = torch.from_numpy(speech_like(3.0))[None, None]
+    codes, original_codes = hub.encode(audio, 32), original.encode(audio, 32)
     assert codes[0, 0].unique().numel() > 5
-    assert torch.equal(codes, original_codes)
-    torch.testing.assert_close(original_audio, audio, rtol=0, atol=1e-6)
+    assert_flips_are_near_ties(hub, audio, original_codes, codes, "original layout")
+    first = codes[..., :13]  # the first second: the bound of the full-size decode is costly
+    decoded, original_decoded = hub.decode(first), original.decode(first)
+    bound = decoder_bound(hub, first, decoded, original_decoded, window_steps=1, count=1)
+    bound.check(decoded, "hub layout")
+    bound.check(original_decoded, "original layout")
 
 
 def test_original_layout_keys_are_the_released_ones(full_state):
