@@ -397,3 +397,27 @@ def test_a_forked_child_computes_without_its_parents_helpers():
 def test_a_thread_count_the_kernel_cannot_run_is_refused(threads):
     with pytest.raises(ValueError, match="threads"):
         native.set_threads(threads)
+
+
+@needs_compiler
+def test_products_are_timed_both_ways_and_the_faster_runs():
+    """With helpers, the kernel times windows of products shared and alone, and runs the faster way
+    except in its exploring windows: after many windows both are timed, and most windows (at least
+    14 of every 16) ran the way that was faster when they began."""
+    weight, x = torch.randn(1024, 256), torch.randn(2, 256)
+    packed = native.pack(weight)
+    try:
+        native.set_threads(2, spin_us=50)
+        assert native.sharing() == (True, 0.0, 0.0)  # (set_threads forgets the past: shared first)
+        agreed = windows = 0
+        for _ in range(48):
+            now, alone, shared = native.sharing()
+            if alone and shared:
+                windows, agreed = windows + 1, agreed + (now == (shared < alone))
+            for _ in range(64):  # one window
+                packed.times_rows(x, None)
+        now, alone, shared = native.sharing()
+        assert alone > 0 and shared > 0
+        assert agreed >= windows * 14 // 16 and windows >= 40
+    finally:
+        native.set_threads(1)

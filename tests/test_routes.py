@@ -171,3 +171,12 @@ def test_a_thread_count_made_slow_is_never_chosen(timed, monkeypatch, slow):
     chosen = routes.chosen()
     assert chosen.threads != slow
     assert current["threads"] == chosen.threads  # the process runs with the choice
+
+
+def test_mimi_native_threads_sets_the_kernels_threads(timed, monkeypatch):
+    monkeypatch.setenv(routes.THREADS_ENV, "1")
+    assert routes.chosen().threads == 1 and native.sharing()[1:] == (0.0, 0.0)
+    monkeypatch.setenv(routes.THREADS_ENV, "many")
+    routes.chosen.cache_clear()
+    with pytest.raises(ValueError, match="MIMI_NATIVE_THREADS=many: expected a thread count"):
+        routes.chosen()

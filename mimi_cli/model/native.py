@@ -48,6 +48,7 @@ _SIGNATURES = {  # the functions of one_frame.c: (result, arguments)
     "mimi_block_size": (_I, []),
     "mimi_set_prefetch": (_I, [_L, _I]),
     "mimi_set_threads": (_I, [_I, _L]),
+    "mimi_sharing": (_I, [_P]),
     "mimi_rows_times_blocks": (None, [_P, _I, _I, _P, _L, _I, _P, _P, _P, _P]),
     "mimi_window_attention": (None, [_P, _L, _L, _P, _P, _L, _I, _I, _I, _I, _I, _I, _F, _P, _P]),
     "mimi_rope_attention": (None, [_P, _P, _P, _P, _P, _L, _I, _I, _I, _I, _I, _F, _P, _P, _P]),
@@ -117,6 +118,15 @@ def set_threads(threads: int, spin_us: int = SPIN_US) -> None:
     lib = library()
     if lib is not None and lib.mimi_set_threads(threads, spin_us) != 0:
         raise ValueError(f"cannot run products on {threads} threads")
+
+
+def sharing() -> tuple[bool, float, float]:
+    """(whether products are shared now, ns per weight value alone, shared): what the kernel measured
+    of its two ways since `set_threads` (0: not timed yet). It runs the faster way and, every 16th
+    window of 64 products, the other, so that a machine that gets busy (or idle) is followed."""
+    costs = (ctypes.c_double * 2)()
+    now = library().mimi_sharing(costs)
+    return bool(now), costs[0], costs[1]
 
 
 def window_attention(

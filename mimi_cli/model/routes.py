@@ -20,7 +20,8 @@ version and instruction-set settings, by torch's thread count (oneDNN and the BL
 thread, the kernel with its own: a live process, on one thread, and a folder encode, on two, may choose
 differently) and by the cores this process may run on, so it is redone when any of those change.
 `MIMI_NATIVE=1` takes the kernel everywhere it can run, `MIMI_NATIVE=0` never (torch's routes), without
-timing.
+timing; `MIMI_NATIVE_THREADS=N` sets the kernel's threads (1: the calling thread alone, as on a machine
+whose other cores are kept for other work).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahea
 ROUNDS = 5
 MAX_KERNEL_THREADS = 4  # beyond this a live frame's products gain little, and other work needs cores
 ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+THREADS_ENV = "MIMI_NATIVE_THREADS"  # the kernel's threads, instead of the timed choice
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,16 @@ def chosen() -> Routes:
         routes = time_routes()
         _write(path, routes)
     native.set_prefetch(*routes.prefetch)
-    native.set_threads(routes.threads)
     if os.environ.get(native.DISABLE_ENV) == "1":
         routes = replace(routes, products="kernel", attention="kernel")
+    forced = os.environ.get(THREADS_ENV, "").strip()
+    if forced:
+        if not forced.isdigit() or not 1 <= int(forced) <= MAX_KERNEL_THREADS:
+            raise ValueError(
+                f"{THREADS_ENV}={forced}: expected a thread count from 1 to {MAX_KERNEL_THREADS}"
+            )
+        routes = replace(routes, threads=int(forced))
+    native.set_threads(routes.threads)
     return routes
 
 
