@@ -153,6 +153,33 @@ def test_tars_in_a_bucket(tars, from_tars, tiny_weights, s3, tmp_path, monkeypat
     assert code == 1 and read_rows(tmp_path / "glob") == read_rows(from_tars[0])
 
 
+def test_a_tar_in_a_bucket_is_read_in_small_ranges(tars, s3, monkeypatch) -> None:
+    """A tar streamed from a bucket holds one range of STREAM_BLOCK bytes at a time (s3fs's default read
+    ahead, 50 MiB, held that much per open tar): the tar is fetched in many ranges, none larger."""
+    for name, value in s3_environment(s3).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "")
+    monkeypatch.setattr(storage, "STREAM_BLOCK", 16 * 1024)
+    client(s3).create_bucket(Bucket="ranges")
+    url = upload(s3, tars, "ranges", "train")
+    opened, fetched = [], []
+    real = storage.open_input
+
+    def spy(where: str):
+        handle = real(where)
+        fetcher = handle.cache.fetcher
+        handle.cache.fetcher = lambda start, end: fetched.append(end - start) or fetcher(start, end)
+        opened.append(handle)
+        return handle
+
+    monkeypatch.setattr(storage, "open_input", spy)
+    size = (tars / "shard-000.tar").stat().st_size
+    keys = webdataset.scan(f"{url}/shard-000.tar")
+    assert keys and len(opened) == 1 and size > 8 * 16 * 1024
+    assert len(fetched) >= size // (2 * 16 * 1024) and sum(fetched) >= size * 0.9
+    assert max(fetched) <= 2 * 16 * 1024  # a read's own bytes and one block ahead
+
+
 def test_ids_from_member_names_never_lead_out_of_audio_dir(corpus, tiny_weights, tmp_path) -> None:
     """Member names come from data: "../x" and "/x" give ids detokenize refuses or keeps inside."""
     wav = (corpus / "a.wav").read_bytes()
