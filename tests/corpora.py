@@ -178,12 +178,16 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 @contextmanager
 def ray_head_on_localhost(
-    cpus: int, environment: dict[str, str] | None = None, temp: Path | None = None
+    cpus: int,
+    environment: dict[str, str] | None = None,
+    temp: Path | None = None,
+    sessions: list[int] | None = None,
 ) -> Iterator[str]:
     """A Ray head on 127.0.0.1 with `cpus` CPUs and a small object store; yields its address.
 
     Every process of it binds and connects on 127.0.0.1 only: `environment` (default `env()`) must hold
     `RAY_LOOPBACK`, and so must that of whatever joins it. `temp`: its temporary folder (logs), a short path.
+    `sessions`: gets the head's session id (every process of the head stays in it), for who measures them.
 
     Stopped at the end with every process of its group: SIGTERM (the --block process stops the node),
     then SIGKILL for anything left.
@@ -203,6 +207,8 @@ def ray_head_on_localhost(
         command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     address = f"127.0.0.1:{port}"
+    if sessions is not None:
+        sessions.append(head.pid)
     try:
         _wait_for(lambda: _ray_ready(address, environment), head, "ray start --head", "the Ray head")
         yield address
