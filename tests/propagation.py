@@ -339,7 +339,7 @@ def decoder_bound(
     last = (length - 1) // hop  # the routes may be cut short (a file's original length)
     ends = {min(latents.shape[1] // 2, last), last}
     for a, b in zip(routes, routes[1:], strict=False):
-        ends.add(int((a - b).abs().flatten().argmax()) // hop)
+        ends.add(int((a.flatten()[:length] - b.flatten()[:length]).abs().argmax()) // hop)
     parts = []
     for end in sorted(ends):
         first = max(0, end - window_steps + 1)
@@ -372,3 +372,26 @@ def _latents(model: MimiModel, codes: torch.Tensor) -> torch.Tensor:
         projected = F.linear(total, half.output_proj.weight[:, :, 0].double())
         latents = projected if latents is None else latents + projected
     return latents
+
+
+def check_decodes(
+    model: MimiModel,
+    codes: torch.Tensor,
+    routes: dict[str, torch.Tensor],
+    window_steps: int = 1,
+    count: int = 1,
+) -> ErrorBound:
+    """Assert that each float32 decode of `codes` ([1, K, F]) in `routes` (what → audio [1, 1, T], on any
+    device) is within the rounding bound of the exact decode, computed on the CPU in float64 from
+    `model` (float32, on the CPU: its weights are what every route rounds from); returns the bound.
+
+    Valid for routes that evaluate the model's operations in IEEE float32 with sums of products in
+    any order or blocking (CPU BLAS, oneDNN, the C kernel, cuBLAS and cuDNN's GEMM-type algorithms
+    with TF32 off). Not for TF32 (its products round their inputs to 11 bits: u = 2⁻¹¹ for them), nor
+    for FFT or Winograd convolutions, which are not sums of the products (no componentwise bound).
+    """
+    audio = [route.detach().float().cpu() for route in routes.values()]
+    bound = decoder_bound(model, codes.cpu(), *audio, window_steps=window_steps, count=count)
+    for what, route in zip(routes, audio, strict=True):
+        bound.check(route, what)
+    return bound

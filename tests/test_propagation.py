@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from propagation import LAMBDA, _Sites, decoder_bound, rounding_error_bound
+from propagation import LAMBDA, _Sites, check_decodes, decoder_bound, rounding_error_bound
 from signals import speech_like
 
 from mimi_cli import load_model
@@ -81,3 +81,21 @@ def test_a_route_cut_short_is_checked_where_it_has_samples(tiny_weights):
     bound = decoder_bound(model, codes, decoded)
     assert len(bound.positions) >= 4 and int(bound.positions.max()) < 1200
     bound.check(decoded, "cut short")
+
+
+def test_check_decodes_passes_routes_and_catches_a_wrong_one(tiny_weights):
+    """`check_decodes` (what the CUDA tests check their float32 decodes with): two right CPU routes
+    pass, a decoder whose last bias is 1e-4 off does not."""
+    model = load_model(tiny_weights)
+    codes = model.encode(torch.from_numpy(speech_like(2.0))[None, None], 8, chunk_frames=None)
+    routes = {
+        "one pass": model.decode(codes, chunk_frames=None),
+        "one frame per call": model.decode(codes, chunk_frames=1),
+    }
+    bound = check_decodes(model, codes, routes)
+    assert len(bound.positions) >= 8
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.decoder.layers[-1].conv.bias.add_(1e-4)
+    with pytest.raises(AssertionError, match="wrong: error"):
+        check_decodes(model, codes, {"wrong": wrong.decode(codes, chunk_frames=None)})
