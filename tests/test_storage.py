@@ -187,16 +187,32 @@ def test_a_rerun_redoes_only_missing_or_stale_shards(clean, reference, tiny_weig
     assert code == 0 and "0 shards written, 3 kept" in output
 
 
-def test_a_second_run_is_refused_while_one_holds_the_lock(clean, tiny_weights, aws, bucket) -> None:
+@pytest.mark.parametrize(
+    "lock, holder",
+    [
+        pytest.param(
+            {"host": "node-7", "pid": 4242, "started": 1796245509.5, "run": "3f2a9c01d4e5b6a7"},
+            "run 3f2a9c01d4e5b6a7 of pid 4242 on node-7, started 2026-12-02 21:05:09 UTC",
+            id="a-run",
+        ),
+        pytest.param({"host": "elsewhere"}, "its lock cannot be read", id="unreadable"),
+    ],
+)
+def test_a_second_run_is_refused_while_one_holds_the_lock(
+    clean, tiny_weights, aws, bucket, lock, holder
+) -> None:
+    """The refusal names the lock, the run that holds it and when it started, and how to clear it; --force
+    (which redoes shards) takes no lock over."""
     s3_client = client(aws)
-    s3_client.put_object(Bucket=bucket, Key="locked/.mimi-lock", Body=b'{"host": "elsewhere"}')
-    code, output = invoke("tokenize", clean[1], f"s3://{bucket}/locked", "-w", tiny_weights, "-k", K)
-    assert (
-        code == 2
-        and "another run is writing this dataset" in output
-        and "s3://corpora/locked/.mimi-lock" in output
-    )
-    assert len(output.strip().splitlines()) == 1
+    s3_client.put_object(Bucket=bucket, Key="locked/.mimi-lock", Body=json.dumps(lock).encode())
+    for force in ((), ("--force",)):
+        code, output = invoke(
+            "tokenize", clean[1], f"s3://{bucket}/locked", "-w", tiny_weights, "-k", K, *force
+        )
+        line = " ".join(output.split())
+        assert code == 2 and len(output.strip().splitlines()) == 1, output
+        assert f"s3://corpora/locked/.mimi-lock: another run is writing this dataset ({holder})" in line
+        assert "delete s3://corpora/locked/.mimi-lock and run again" in line
     assert set(objects(aws, bucket, "locked")) == {".mimi-lock"}  # nothing written
 
 
@@ -323,6 +339,41 @@ def test_lists_and_tables_in_a_bucket(clean, tiny_weights, aws, bucket, tmp_path
     here, there = read_rows(tmp_path / "t-here"), read_rows(tmp_path / "t-there")
     assert there == here and there["train-00001.parquet:0"]["text"] == "fifth"  # a path cell, in the bucket
     assert rows["a.wav"]["codes"] == read_rows(tmp_path / "t-here")["train-00000.parquet:0"]["codes"]
+
+
+@pytest.mark.parametrize("stage", ["plan", "cells"])
+def test_range_read_errors_of_a_table_hide_the_secret(
+    clean, tiny_weights, aws, bucket, tmp_path, monkeypatch, stage
+):
+    """pyarrow's errors while it reads a table's ranges from a bucket (here a read that quotes the secret,
+    as a library's error may quote a request) go through the secret filter: while the plan reads the
+    table (the error line), and while reading tasks read its audio cells (failures.jsonl)."""
+    url = upload(aws, make_table(tmp_path / "hf", clean[0]), bucket, f"leaky-{stage}")
+    real, opened = storage.open_input, []
+
+    def leaky(where: str):
+        handle = real(where)
+        opened.append(where)
+        if where.endswith(".parquet") and (stage == "plan" or opened.count(where) > 1):
+
+            def read(*args: object) -> bytes:
+                raise OSError(f"GET {where}: request signed with {SECRET} was refused")
+
+            handle.read = read
+        return handle
+
+    monkeypatch.setattr(storage, "open_input", leaky)
+    out = tmp_path / "out"
+    code, output = invoke("tokenize", url, out, "-w", tiny_weights, "-k", K)
+    assert SECRET not in output and "***" in output, output
+    if stage == "plan":
+        assert code == 2 and len(output.strip().splitlines()) == 1
+        assert "not a readable Parquet file" in output and "request signed with ***" in output
+    else:
+        failures = read_failures(out)
+        assert code == 1 and len(failures) == 6  # every row: its table cannot be read
+        assert all("cannot read the footer" in f and SECRET not in f for f in failures.values())
+        assert all("request signed with ***" in f for f in failures.values())
 
 
 def test_faults_on_the_way_lose_and_double_nothing(clean, reference, tiny_weights, s3, bucket) -> None:

@@ -128,8 +128,10 @@ def _same(src: str, out: str) -> bool:
 @contextmanager
 def _locked(folder: storage.Folder) -> Iterator[None]:
     """OUT_DIR in a bucket is held by one run at a time: a lock object made by a conditional PUT
-    (If-None-Match: *), removed at the end. A second run is refused in one line. A local OUT_DIR needs
-    none: two runs there write the same bytes, each file renamed into place."""
+    (If-None-Match: *), removed at the end. A second run is refused in one line naming the lock and the
+    run that holds it (host, pid, start time). There is no takeover: `--force` redoes shards, it does not
+    break a lock; a lock left by a killed run is deleted by hand. A local OUT_DIR needs none: two runs
+    there write the same bytes, each file renamed into place."""
     if not folder.remote:
         yield
         return
@@ -137,13 +139,25 @@ def _locked(folder: storage.Folder) -> Iterator[None]:
     claim = json.dumps({**owner, "run": secrets.token_hex(8)}).encode()
     if not folder.create(LOCK, claim):
         raise MimiError(
-            f"{folder.child(LOCK)}: another run is writing this dataset; if none is (a killed run), "
-            "remove this object and run again"
+            f"{folder.child(LOCK)}: another run is writing this dataset ({_holder(folder)}); if it is "
+            f"not running any more (killed, its machine lost), delete {folder.child(LOCK)} and run again: "
+            "the new run resumes"
         )
     try:
         yield
     finally:
         folder.remove(LOCK)
+
+
+def _holder(folder: storage.Folder) -> str:
+    """Who holds the lock, from its content: "run 3f2a… of pid 4242 on node-7, started 2026-12-03 21:05:09
+    UTC" (or as much of it as can be read)."""
+    try:
+        owner = json.loads(folder.read(LOCK))
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(owner["started"])))
+        return f"run {owner['run']} of pid {owner['pid']} on {owner['host']}, started {started}"
+    except (MimiError, ValueError, KeyError, TypeError, OSError):
+        return "its lock cannot be read"
 
 
 def _load(opts: TokenizeOptions) -> Any:
