@@ -16,7 +16,7 @@ from ..codec import CHUNK_SECONDS, whole_frames
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..errors import MimiError, one_line
 from .sources import CellReader, Input, read_input
-from .storage import StorageUnavailable
+from .storage import StorageUnavailable, hide_secrets
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def read_unit(unit: list[Input], cells: CellReader) -> list[Audio | Failed]:
         except StorageUnavailable:
             raise  # not the input's fault: the run stops, its shard is not written, a rerun redoes it
         except (MimiError, ValueError, OSError) as e:
-            out.append(Failed(item.id, _named(item.id, one_line(e))))
+            out.append(Failed(item.id, hide_secrets(_named(item.id, one_line(e)))))
             continue
         out.append(Audio(audio, info.sample_rate, info.frames or len(audio), info.channels))
     return out

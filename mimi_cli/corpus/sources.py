@@ -20,6 +20,7 @@ functions that build or read the plan, not with the module.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..audio import AudioInfo, read_audio
-from ..errors import MimiError
+from ..errors import MimiError, one_line
 from . import storage, webdataset
 from .webdataset import TAR_SUFFIX
 
@@ -381,8 +382,10 @@ def _table_source(root: str, tables: list[tuple[str, str]], audio_column: str) -
                 _check_audio_column(path, file.schema_arrow, audio_column)
                 table = file.read(columns=[c for c in file.schema_arrow.names if c != audio_column])
                 rows = file.metadata.num_rows
-        except (OSError, pa.ArrowException) as e:
-            raise MimiError(f"{path}: not a readable Parquet file ({e})") from None
+        except (OSError, pa.ArrowException) as e:  # a range read's error too: the secret filter applies
+            raise MimiError(
+                storage.hide_secrets(f"{path}: not a readable Parquet file ({one_line(e)})")
+            ) from None
         if schema is not None and not table.schema.equals(schema):
             raise MimiError(f"{path}: its columns differ from those of the other Parquet files of SRC")
         schema = table.schema
@@ -429,7 +432,7 @@ class CellReader:
 
         starts = self._starts.get(path)
         if starts is None:
-            with storage.open_input(path) as handle:
+            with _range_reads(path, "cannot read the footer"), storage.open_input(path) as handle:
                 metadata = pq.ParquetFile(handle).metadata
             counts = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
             starts = [int(s) for s in np.cumsum([0, *counts])]
@@ -442,7 +445,7 @@ class CellReader:
         with self._lock:
             cached = self._groups.get(key)
         if cached is None:
-            with storage.open_input(path) as handle:
+            with _range_reads(path, f"cannot read row group {group}"), storage.open_input(path) as handle:
                 column = pq.ParquetFile(handle).read_row_group(group, columns=[self.column]).column(0)
             cached = (starts[group], column.to_pylist())
             with self._lock:
@@ -450,6 +453,18 @@ class CellReader:
                 while len(self._groups) > self.keep:
                     self._groups.popitem(last=False)
         return cached[1][row - cached[0]]
+
+
+@contextlib.contextmanager
+def _range_reads(path: str, what: str) -> Iterator[None]:
+    """pyarrow's errors while it reads ranges of `path` (those of the file system's reads included, which
+    may quote a request) as one MimiError line, with every secret the process knows replaced by ***."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        raise MimiError(storage.hide_secrets(f"{path}: {what} ({one_line(e)})")) from None
 
 
 def read_input(item: Input, cells: CellReader) -> tuple[np.ndarray, AudioInfo]:

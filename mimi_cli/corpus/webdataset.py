@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..errors import MimiError
+from ..errors import MimiError, one_line
 from . import storage
 
 TAR_SUFFIX = ".tar"
@@ -75,7 +75,7 @@ def scan(where: str) -> list[TarKey]:
                     data = handle.read() if handle else b""
                     entry.texts[extension] = data.decode("utf-8", errors="replace")
     except (OSError, tarfile.TarError) as e:
-        raise MimiError(f"{where}: not a readable tar ({' '.join(str(e).split())})") from None
+        raise MimiError(storage.hide_secrets(f"{where}: not a readable tar ({one_line(e)})")) from None
     for entry in keys.values():
         if entry.audio is None and not entry.problem:
             entry.problem = "no audio member"
@@ -150,4 +150,4 @@ class TarReader:
             return cursor.read(name)
         except tarfile.TarError as e:
             cursor.close()
-            raise MimiError(f"{where}: not a readable tar ({' '.join(str(e).split())})") from None
+            raise MimiError(storage.hide_secrets(f"{where}: not a readable tar ({one_line(e)})")) from None
