@@ -157,12 +157,11 @@ def cpu_model(full_weights):
 @pytest.fixture(scope="module")
 def cpu_reference(cpu_model, audio) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, decoded audio) of the CPU float32 model: the reference for everything here."""
-    model = cpu_model
-    codes = model.encode(audio, CODEBOOKS)
+    codes = cpu_model.encode(audio, CODEBOOKS)
     frames = -(-audio.shape[-1] // 1920)
     assert codes.shape == (1, CODEBOOKS, frames)
     assert codes[0, 0].unique().numel() > frames // 8  # codes vary: the comparisons mean something
-    return codes, model.decode(codes)
+    return codes, cpu_model.decode(codes)
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def tied(tiny):
 
 def test_planted_ties_flip_and_are_near_ties(tied):
     """Each float32 route flips some planted ties against the float64 codes, and every flip (planted
-    or not) is within what rounding allows; the chosen entries are the planted pairs."""
+    or not) is within what rounding allows."""
     model, audio, exact = tied
     flips = 0
     for what, codes in (
