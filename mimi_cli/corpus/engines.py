@@ -168,17 +168,23 @@ def run_ray(
             actors = (
                 max(1, int(resources.get("GPU", 0))) if gpu else max(1, int(resources.get("CPU", 1)) // 2)
             )
-        rows = [
-            {"shard": s.index, "unit": u, "inputs": json.dumps([i.as_dict() for i in unit])}
+        size = assembler.batch_size
+        rows = [  # a unit by its place in the plan: 4 integers, not its inputs
+            {"shard": s.index, "unit": u, "start": start, "stop": min(start + size, s.stop)}
             for s in shards
-            for u, unit in enumerate(s.units(assembler.batch_size))
+            for u, start in enumerate(range(s.start, s.stop, size))
         ]
+        plan = ray.put(shards[0].source) if shards else None  # the plan's columns, once in the object store
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         # Reading runs as tasks of its own: its memory reservation differs from the actors' options,
         # which keeps Ray from fusing both stages into the actors (the GPU would wait for the decoding).
         dataset = dataset.map(
             _read_row,
-            fn_kwargs={"audio_column": audio_column, "storage": ray.put(worker_environment())},
+            fn_kwargs={
+                "audio_column": audio_column,
+                "storage": ray.put(worker_environment()),
+                "plan": plan,
+            },
             num_cpus=1,
             memory=READ_MEMORY,
         )
@@ -213,17 +219,19 @@ def _first_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _read_row(row: dict[str, Any], audio_column: str, storage: Any) -> dict[str, Any]:
+def _read_row(row: dict[str, Any], audio_column: str, storage: Any, plan: Any) -> dict[str, Any]:
     """Read stage (a Ray task): the unit's audio as one float32 buffer, and what each input was.
 
     `storage`: a reference to the driver's storage variables (`storage.worker_environment`). The secrets
     among them travel as an object only: a task's arguments and a job's runtime_env are written to
-    Ray's logs (the runtime env agent logs every variable), an object's value is not.
+    Ray's logs (the runtime env agent logs every variable), an object's value is not. `plan`: a
+    reference to the plan (`sources.Inputs`), whose inputs start … stop-1 are the unit's.
     """
     import ray
 
     os.environ.update(ray.get(storage) if isinstance(storage, ray.ObjectRef) else storage)
-    unit = [Input(**d) for d in json.loads(row["inputs"])]
+    inputs = ray.get(plan) if isinstance(plan, ray.ObjectRef) else plan
+    unit = inputs.slice(int(row["start"]), int(row["stop"]))
     read = read_unit(unit, _worker_cells(audio_column))
     described = [
         {"error": r.error}
@@ -236,7 +244,7 @@ def _read_row(row: dict[str, Any], audio_column: str, storage: Any) -> dict[str,
     return {
         "shard": row["shard"],
         "unit": row["unit"],
-        "inputs": row["inputs"],
+        "ids": json.dumps([item.id for item in unit]),
         "read": json.dumps(described),
         "audio": data,
     }
@@ -260,10 +268,10 @@ class _Encoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {"shard": [], "unit": [], "results": [], "codes": []}
-        for shard, u, inputs, read, audio in zip(
-            batch["shard"], batch["unit"], batch["inputs"], batch["read"], batch["audio"], strict=True
+        for shard, u, ids, read, audio in zip(
+            batch["shard"], batch["unit"], batch["ids"], batch["read"], batch["audio"], strict=True
         ):
-            unit = [Input(**d) for d in json.loads(inputs)]
+            unit = [Input(name, "") for name in json.loads(ids)]  # encoding needs their ids only
             results = encode_unit(self.model, self.num_codebooks, unit, _unpack_read(unit, read, audio))
             codes = [r.codes for r in results if isinstance(r, Encoded)]
             out["shard"].append(int(shard))

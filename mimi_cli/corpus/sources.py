@@ -58,15 +58,6 @@ class Input:
     signature: str = ""  # "size:mtime_ns" of `path` (of an object: "size:ETag"; see `_list_source`)
     member: str | None = None  # a tar's key: its audio member ("" when it has none, or several)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "path": self.path,
-            "row": self.row,
-            "signature": self.signature,
-            "member": self.member,
-        }
-
 
 class Inputs:
     """The inputs of a source in their order, stored by column in pyarrow arrays: an input costs the bytes
