@@ -61,9 +61,10 @@ class Input:
 
 class Inputs:
     """The inputs of a source in their order, stored by column in pyarrow arrays: an input costs the bytes
-    of its id and its signature and a few offsets (~70 bytes for `d00/f000000.wav` in a bucket), not a
-    Python object of ~600 bytes. A folder's inputs keep no paths (`root` joined with the id); a table's
-    or tar's keep their file once (dictionary-encoded). `inputs[i]` and `inputs.slice(a, b)` give `Input`s.
+    of its id and its signature and a few offsets (57 bytes for `d00/f000000.wav` in a bucket), not a
+    Python object of ~600 bytes. A folder's inputs keep no paths (`root` joined with the id), nor do a
+    list's entries inside the list's folder (null in `paths`); a table's or tar's keep their file once
+    (dictionary-encoded). `inputs[i]` and `inputs.slice(a, b)` give `Input`s.
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class Inputs:
         rows: pa.Array | None = None,
         members: pa.Array | None = None,
     ) -> None:
-        assert (root is None) != (paths is None), "paths come from a root or a column"
+        assert root is not None or paths is not None, "paths come from a root, a column, or both"
         self.ids, self.signatures, self.root = ids, signatures, root
         self.paths, self.rows, self.members = paths, rows, members
 
@@ -107,11 +108,9 @@ class Inputs:
         """Inputs start … stop-1 as `Input`s."""
         count = max(0, min(stop, len(self)) - start)
         ids = self.ids.slice(start, count).to_pylist()
-        if self.paths is None:
-            assert self.root is not None
-            paths = [storage.join(self.root, i) for i in ids]
-        else:
-            paths = self.paths.slice(start, count).to_pylist()
+        paths = self.paths.slice(start, count).to_pylist() if self.paths is not None else [None] * count
+        if self.root is not None:  # a path not given is the root's joined with the id
+            paths = [storage.join(self.root, i) if p is None else p for i, p in zip(ids, paths, strict=True)]
         rows = self.rows.slice(start, count).to_pylist() if self.rows is not None else [NO_ROW] * count
         members = self.members.slice(start, count).to_pylist() if self.members is not None else [None] * count
         signatures = self.signatures.slice(start, count).to_pylist()
@@ -264,9 +263,13 @@ def _list_source(src: str) -> Source:
         lines = storage.read_text(src).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise MimiError(f"{src}: cannot read the list ({e})") from e
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     folder = storage.parent(src)
     seen: dict[str, int] = {}
-    inputs: list[Input] = []
+    paths: list[str | None] = []  # None: the folder's joined with the id
+    signatures: list[str] = []
     for number, line in enumerate(lines, 1):
         entry = _list_entry(src, number, line)
         if entry is None:
@@ -280,11 +283,16 @@ def _list_source(src: str) -> Source:
         if name in seen:
             raise MimiError(f"{src}:{number}: {entry!r} is listed twice (first on line {seen[name]})")
         seen[name] = number
-        signature = LISTED if storage.is_url(path) else _signature(path)
-        inputs.append(Input(name, path, NO_ROW, signature))
-    if not inputs:
+        paths.append(None if path == storage.join(folder, name) else path)
+        signatures.append(LISTED if storage.is_url(path) else _signature(path))
+    if not seen:
         raise MimiError(f"{src}: the list holds no paths")
-    return Source("list", Inputs.of(sorted(inputs, key=lambda i: i.id)))
+    ids = pa.array(list(seen), pa.string())
+    del seen
+    order = pc.sort_indices(ids)
+    columns = [ids, pa.array(paths, pa.string()), pa.array(signatures, pa.string())]
+    ids, path_column, signature_column = (column.take(order) for column in columns)
+    return Source("list", Inputs(ids, signature_column, root=folder, paths=path_column))
 
 
 def _list_id(folder: str, name: str) -> str:
