@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         bulk_before = bulk_per_frame(model, args.codebooks, args.bulk_seconds)
         result = run_pipeline(weights, args.codebooks, frames)
         bulk_after = bulk_per_frame(model, args.codebooks, args.bulk_seconds)
+        if chosen.threads > 1:  # the same cores as a live process's products, for the second ratio
+            torch.set_num_threads(chosen.threads)
+            bulk_shared = bulk_per_frame(model, args.codebooks, args.bulk_seconds)
+            torch.set_num_threads(1)
         info["load_after"] = load_average()
 
     bulk = [(a + b) / 2 for a, b in zip(bulk_before, bulk_after, strict=True)]
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one-frame routes (chosen by timing on this machine, cached): {chosen.describe()}")
     print(
         f"live run: {len(latency) + 1} frames ({(len(latency) + 1) * FRAME_SECONDS / 60:.1f} min), "
-        f"{args.codebooks} codebooks, 1 thread per process; "
+        f"{args.codebooks} codebooks, 1 model thread per process (the kernel's products on "
+        f"{chosen.threads}); "
         f"start-up (weights, warm-up) {result['startup_s']:.1f} s"
     )
     print()
@@ -211,6 +216,15 @@ def main(argv: list[str] | None = None) -> None:
         f"before {bulk_before[0]:.1f}/{bulk_before[1]:.1f}, "
         f"after {bulk_after[0]:.1f}/{bulk_after[1]:.1f} ms/frame)"
     )
+    if chosen.threads > 1:
+        ratios = "/".join(
+            f"{stats['frame_ms']['median'] / ref:.1f}×"
+            for stats, ref in zip((result["encode"], result["decode"]), bulk_shared, strict=True)
+        )
+        print(
+            f"(bulk on {chosen.threads} threads, as many as the live products use: "
+            f"{bulk_shared[0]:.1f}/{bulk_shared[1]:.1f} ms/frame; live encode/decode median {ratios} that)"
+        )
     print()
     print(
         f"added latency, ms: median {p(latency, 50):.1f}, p99 {p(latency, 99):.1f}, max {latency.max():.1f} "
