@@ -239,6 +239,24 @@ def test_two_runs_at_once_one_dataset_or_one_line(clean, reference, tiny_weights
     assert ".mimi-lock" not in stored
 
 
+def test_a_prefix_is_listed_page_by_page_every_object_once(aws, bucket, monkeypatch) -> None:
+    """Folders of more than a page (1,000 keys), sub-folders, a folder skipped (OUT_DIR inside SRC): every
+    object comes once, with its size and ETag, in pages no larger than the store's."""
+    from moto.backends import get_backend
+
+    backend = get_backend("s3")["123456789012"]["global"]  # the test server's own: objects made directly
+    names = [f"d{i % 2}/f{i:05d}.wav" for i in range(2500)] + [f"top{i:04d}.wav" for i in range(1100)]
+    for name in [*names, "tokens/part-00000.parquet"]:
+        backend.put_object(bucket, f"paged/{name}", b"RIFF")
+    monkeypatch.setattr(storage, "LIST_WORKERS", 2)
+    pages = list(storage.find(f"s3://{bucket}/paged", skip="tokens"))
+    found = [relative for page in pages for relative, _ in page]
+    assert sorted(found) == sorted(names)  # each once, the skipped folder not descended into
+    assert len(pages) >= 6 and max(len(page) for page in pages) <= 1000
+    etag = client(aws).head_object(Bucket=bucket, Key="paged/top0000.wav")["ETag"].strip('"')
+    assert {signature for page in pages for _, signature in page} == {f"4:{etag}"}
+
+
 def test_the_lock_is_a_conditional_put(aws, bucket) -> None:
     folder = storage.Folder(f"s3://{bucket}/lock-check")
     assert folder.create("lock", b"first")

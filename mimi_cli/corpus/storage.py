@@ -23,6 +23,7 @@ import posixpath
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -325,9 +326,10 @@ def find(url: str, skip: str | None = None) -> Iterator[list[Listed]]:
 
     Each folder is listed with a delimiter, one page (1,000 keys on S3) a request, and up to
     LIST_WORKERS pages of different folders are asked for at once, so that the client parses one page
-    while the store answers others. Memory holds the pages in flight, never a whole folder nor the
-    whole prefix (fsspec's `find` gathers every entry first: ~10 KB an object). `skip`: a folder below
-    `url` (relative, posix) not descended into. Each page is retried as a whole on a transient error.
+    while the store answers others. Memory holds the pages in flight and the names of the folders not
+    listed yet, never a whole folder nor the whole prefix (fsspec's `find` gathers every entry first).
+    `skip`: a folder below `url` (relative, posix) not descended into. Each page is retried as a whole
+    on a transient error.
     """
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -340,10 +342,14 @@ def find(url: str, skip: str | None = None) -> Iterator[list[Listed]]:
     def listed(folder: str, token: str | None) -> Page:
         return call(url, lambda: lister(fs, folder, token), "cannot list:")
 
+    waiting: deque[tuple[str, str | None]] = deque([(root, None)])  # (folder, page token) to ask for
     with ThreadPoolExecutor(LIST_WORKERS, thread_name_prefix="mimi-list") as pool:
-        running: dict[Future[Page], str] = {pool.submit(listed, root, None): root}
+        running: dict[Future[Page], str] = {}
         try:
-            while running:
+            while waiting or running:
+                while waiting and len(running) < LIST_WORKERS:
+                    folder, token = waiting.popleft()
+                    running[pool.submit(listed, folder, token)] = folder
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     folder = running.pop(future)
@@ -354,10 +360,8 @@ def find(url: str, skip: str | None = None) -> Iterator[list[Listed]]:
                             return  # no such prefix (yet): nothing below it
                         raise
                     if token is not None:
-                        running[pool.submit(listed, folder, token)] = folder
-                    for sub in folders:
-                        if sub != skipped:
-                            running[pool.submit(listed, sub, None)] = sub
+                        waiting.appendleft((folder, token))  # a folder's next page before other folders
+                    waiting.extend((sub, None) for sub in folders if sub != skipped)
                     yield [(name[cut:], signature) for name, signature in files]
         finally:
             for future in running:
