@@ -56,9 +56,9 @@ def test_original_layout_gives_same_codes_and_audio(tmp_path, full_weights, full
     right. They do not necessarily compute bit for bit alike: the tensors of each file sit at their own
     offsets (measured here: the hub file's 32 or 36 bytes past a 64-byte boundary, the original's 0 to
     48), and a BLAS may pick its blocking, so its summation order, by alignment. So the codes may
-    differ only at near-ties (tests/ties.py), and
-    both decodes of one set of codes must be within the rounding bound of the exact decode
-    (tests/propagation.py), as any two routes of the same operations are."""
+    differ only at near-ties (tests/ties.py), and both decodes of one set of codes must be within the
+    rounding bound of the exact decode (tests/propagation.py), as any two routes of the same operations
+    are."""
     hub = load_model(full_weights)
     original = load_model(write_original_layout(tmp_path / ORIGINAL_WEIGHTS_FILE, hub.config, full_state))
     assert original.fingerprint == hub.fingerprint
