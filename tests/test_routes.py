@@ -175,8 +175,66 @@ def test_a_thread_count_made_slow_is_never_chosen(timed, monkeypatch, slow):
 
 def test_mimi_native_threads_sets_the_kernels_threads(timed, monkeypatch):
     monkeypatch.setenv(routes.THREADS_ENV, "1")
-    assert routes.chosen().threads == 1 and native.sharing()[1:] == (0.0, 0.0)
+    assert routes.chosen().threads == 1
     monkeypatch.setenv(routes.THREADS_ENV, "many")
     routes.chosen.cache_clear()
     with pytest.raises(ValueError, match="MIMI_NATIVE_THREADS=many: expected a thread count"):
         routes.chosen()
+
+
+class _Clock:
+    """A clock whose frames take `alone` or `shared` seconds, whichever way `native.set_sharing` set."""
+
+    def __init__(self, monkeypatch, alone: float, shared: float) -> None:
+        self.now, self.cost, self.way, self.ways = 0.0, {False: alone, True: shared}, True, []
+        monkeypatch.setattr(native, "set_sharing", self.set_sharing)
+
+    def set_sharing(self, on: bool) -> None:
+        self.way = on
+        self.ways.append(on)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def frame(self, sharing: routes.Sharing) -> None:
+        with sharing.timed(1):
+            self.now += self.cost[self.way]
+
+
+@pytest.mark.parametrize("faster", ["shared", "alone"])
+def test_a_streams_frames_run_the_faster_way_and_look_at_the_other_now_and_then(monkeypatch, faster):
+    monkeypatch.setattr(routes, "chosen", lambda: routes.Routes(threads=2))
+    clock = _Clock(monkeypatch, alone=0.020, shared=0.015 if faster == "shared" else 0.029)
+    sharing = routes.Sharing(clock)
+    for _ in range(320):
+        clock.frame(sharing)
+    ways = clock.ways[2 * sharing.WINDOW :]  # after one window each way
+    slower = sum(way != (faster == "shared") for way in ways)
+    assert clock.ways[: 2 * sharing.WINDOW] == [True] * sharing.WINDOW + [False] * sharing.WINDOW
+    assert slower == len(ways) // (sharing.WINDOW * sharing.EXPLORE) * sharing.WINDOW  # exploring only
+
+
+def test_a_change_of_load_is_followed_within_a_few_explorations(monkeypatch):
+    monkeypatch.setattr(routes, "chosen", lambda: routes.Routes(threads=2))
+    clock = _Clock(monkeypatch, alone=0.020, shared=0.015)
+    sharing = routes.Sharing(clock)
+    for _ in range(100):
+        clock.frame(sharing)
+    clock.cost[True] = 0.029  # another process takes a core
+    for _ in range(4 * sharing.WINDOW * sharing.EXPLORE):
+        clock.frame(sharing)
+    assert clock.ways[-sharing.WINDOW * (sharing.EXPLORE - 1) :].count(True) <= sharing.WINDOW
+
+
+def test_calls_that_are_not_one_frame_work_are_not_timed(monkeypatch):
+    monkeypatch.setattr(routes, "chosen", lambda: routes.Routes(threads=2))
+    clock = _Clock(monkeypatch, alone=0.020, shared=0.015)
+    sharing = routes.Sharing(clock)
+    for frames in (0, routes.ONE_FRAME_CALL + 1):
+        with sharing.timed(frames):
+            clock.now += 1.0
+    assert clock.ways == [] and sharing.cost == {True: None, False: None}
+    monkeypatch.setattr(routes, "chosen", lambda: routes.Routes(threads=1))  # no helpers: nothing to choose
+    with sharing.timed(1):
+        pass
+    assert clock.ways == []

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import MimiConfig
-from . import onednn
+from . import onednn, routes
 from .conv import CausalConv1d, CausalConvTranspose1d
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetDecoder, SeanetEncoder
@@ -171,6 +171,7 @@ class StreamingEncoder:
             )
         self.stream = Stream()
         self.batch = 1
+        self.sharing = routes.Sharing()
 
     @torch.inference_mode()
     def push(self, audio: torch.Tensor, final: bool = False) -> torch.Tensor:
@@ -180,7 +181,10 @@ class StreamingEncoder:
         model, stream = self.model, self.stream
         self.batch = audio.shape[0]
         stream.final = final
-        return model.quantizer.encode(model.encode_latents(audio, stream), self.num_codebooks)
+        with self.sharing.timed(
+            _one_frame_work(model, audio.shape[0], audio.shape[-1] // model.config.frame_size)
+        ):
+            return model.quantizer.encode(model.encode_latents(audio, stream), self.num_codebooks)
 
     def finish(self) -> torch.Tensor:
         """The codes of the last frames, completed with the end padding of a whole-input pass."""
@@ -197,6 +201,7 @@ class StreamingDecoder:
     def __init__(self, model: MimiModel) -> None:
         self.model = model
         self.stream = Stream()
+        self.sharing = routes.Sharing()
 
     @torch.inference_mode()
     def push(self, codes: torch.Tensor) -> torch.Tensor:
@@ -205,4 +210,12 @@ class StreamingDecoder:
             raise ValueError(
                 f"codes must be [B, K, F] with 1 ≤ K ≤ {model.config.num_quantizers}, got {list(codes.shape)}"
             )
-        return model.decode_latents(model.quantizer.decode(codes.to(model.device, torch.long)), stream)
+        with self.sharing.timed(_one_frame_work(model, codes.shape[0], codes.shape[-1])):
+            return model.decode_latents(model.quantizer.decode(codes.to(model.device, torch.long)), stream)
+
+
+def _one_frame_work(model: MimiModel, batch: int, frames: int) -> int:
+    """The frames of a streamed call whose time `routes.Sharing` counts: 0 (none) unless the call
+    runs one item on the CPU in float32, where the kernel's products are taken."""
+    cpu_float = model.device.type == "cpu" and model.dtype == torch.float32
+    return frames if batch == 1 and cpu_float else 0

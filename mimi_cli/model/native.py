@@ -48,7 +48,7 @@ _SIGNATURES = {  # the functions of one_frame.c: (result, arguments)
     "mimi_block_size": (_I, []),
     "mimi_set_prefetch": (_I, [_L, _I]),
     "mimi_set_threads": (_I, [_I, _L]),
-    "mimi_sharing": (_I, [_P]),
+    "mimi_set_sharing": (None, [_I]),
     "mimi_rows_times_blocks": (None, [_P, _I, _I, _P, _L, _I, _P, _P, _P, _P]),
     "mimi_window_attention": (None, [_P, _L, _L, _P, _P, _L, _I, _I, _I, _I, _I, _I, _F, _P, _P]),
     "mimi_rope_attention": (None, [_P, _P, _P, _P, _P, _L, _I, _I, _I, _I, _I, _F, _P, _P, _P]),
@@ -120,13 +120,12 @@ def set_threads(threads: int, spin_us: int = SPIN_US) -> None:
         raise ValueError(f"cannot run products on {threads} threads")
 
 
-def sharing() -> tuple[bool, float, float]:
-    """(whether products are shared now, ns per weight value alone, shared): what the kernel measured
-    of its two ways since `set_threads` (0: not timed yet). It runs the faster way and, every 16th
-    window of 64 products, the other, so that a machine that gets busy (or idle) is followed."""
-    costs = (ctypes.c_double * 2)()
-    now = library().mimi_sharing(costs)
-    return bool(now), costs[0], costs[1]
+def set_sharing(on: bool) -> None:
+    """Whether products are shared with the helper threads (as at first) or computed by the calling
+    thread alone while the helpers sleep; `routes.Sharing` times both. Nothing where no kernel."""
+    lib = library()
+    if lib is not None:
+        lib.mimi_set_sharing(int(on))
 
 
 def window_attention(

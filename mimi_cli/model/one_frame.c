@@ -16,12 +16,10 @@
  * it does every block itself if need be, and waits only for blocks a helper has claimed. Helpers spin
  * a while between products (a frame's products come a few hundred µs apart), then sleep.
  *
- * Sharing pays only where cores are free: on a busy machine (more runnable threads than cores) a
- * helper stopped mid-claim holds up the product, and the caller itself loses its core to the helper
- * (an Intel Xeon with one core busy elsewhere: a frame 22 ms alone, 29 shared). So the caller times
- * products both ways as it goes: windows of WINDOW products run shared or alone, each way's time per
- * weight value is kept (the mean of its last window and the value before), the next window runs the
- * faster way, and every EXPLORE-th window the other, so that a change of load is seen within seconds.
+ * Sharing pays only where cores are free: on a busy machine a helper stopped mid-claim holds up the
+ * product, and a spinning helper pushes other work onto the caller's core (an Intel Xeon with one
+ * core busy elsewhere: a frame 22 ms alone, 29 shared). So the caller can turn sharing off and on
+ * (`mimi_set_sharing`): each stream times its frames both ways as it goes (`routes.Sharing`).
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
@@ -133,8 +131,6 @@ static void product_blocks(const struct product *p, int first_block, int last_bl
 
 #define MAX_THREADS 16
 #define CLAIM 2 /* blocks claimed at a time: 128 KiB of a [*, 512] weight */
-#define WINDOW 64  /* products timed together (~2 frames' products) */
-#define EXPLORE 16 /* every EXPLORE-th window runs the way that was slower */
 
 static struct {
     pthread_mutex_t lock;
@@ -149,13 +145,8 @@ static struct {
     struct product jobs[2];
     int started, wanted; /* helpers running, helpers wanted (threads - 1) */
     long spin_ns;        /* how long a helper spins for the next job before it sleeps */
-    /* the caller's timing of both ways: this window's way (1 shared), products, ns and weight values
-     * so far; each way's ns per weight value (0: not timed yet); windows so far */
-    int sharing, timed;
-    long window_ns;
-    double window_values, cost[2];
-    long windows;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, {{0}}, 0, 0, 200000, 1, 0, 0, 0, {0, 0}, 0};
+    int sharing;         /* 0: the caller computes alone while the helpers sleep */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, {{0}}, 0, 0, 200000, 1};
 
 static inline void relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -240,31 +231,12 @@ int mimi_set_threads(int threads, long spin_us) {
         pool.started++;
     }
     pool.wanted = threads - 1 < pool.started ? threads - 1 : pool.started;
-    pool.sharing = 1, pool.timed = 0, pool.window_ns = 0, pool.window_values = 0; /* both ways timed anew */
-    pool.cost[0] = pool.cost[1] = 0;
     pthread_mutex_unlock(&pool.lock);
     return pool.wanted == threads - 1 ? 0 : 2;
 }
 
-/* Counts one product of the current window (ns, weight values read); at the window's end, keeps its
- * way's cost and picks the next window's way. */
-static void weigh(long ns, double values) {
-    pool.window_ns += ns, pool.window_values += values;
-    if (++pool.timed < WINDOW) return;
-    const double cost = pool.window_ns / pool.window_values;
-    double *kept = &pool.cost[pool.sharing];
-    *kept = *kept > 0 ? (*kept + cost) / 2 : cost;
-    const int faster = pool.cost[0] == 0 ? 0 : pool.cost[1] == 0 ? 1 : pool.cost[1] < pool.cost[0];
-    pool.sharing = ++pool.windows % EXPLORE == 0 ? !faster : faster;
-    pool.timed = 0, pool.window_ns = 0, pool.window_values = 0;
-}
-
-/* The caller's timing so far: each way's ns per weight value (0: not timed yet) into costs[0] (alone)
- * and costs[1] (shared); returns the way the current window runs (1 shared). */
-int mimi_sharing(double *costs) {
-    costs[0] = pool.cost[0], costs[1] = pool.cost[1];
-    return pool.sharing;
-}
+/* Whether products are shared with the helpers (1, as at first) or computed by the caller alone (0). */
+void mimi_set_sharing(int on) { pool.sharing = on != 0; }
 
 /* y [rows][out] = residual + gain ⊙ (x @ weightᵀ + bias), x row r at x + r * x_stride, weight in blocks
  * [ceil(out / BLOCK)][in][BLOCK] (the last block zero-padded); bias, gain and residual ([rows][out]) may
@@ -273,27 +245,21 @@ void mimi_rows_times_blocks(const float *blocks, int in, int out, const float *x
                             const float *bias, const float *gain, const float *residual, float *y) {
     const int num_blocks = (out + BLOCK - 1) / BLOCK;
     const struct product job = {blocks, x, bias, gain, residual, y, x_stride, in, out, rows, num_blocks};
-    if (pool.wanted == 0 || num_blocks < 2 * CLAIM || atomic_exchange(&pool.busy, 1)) {
+    if (pool.wanted == 0 || !pool.sharing || num_blocks < 2 * CLAIM || atomic_exchange(&pool.busy, 1)) {
         product_blocks(&job, 0, num_blocks);
         return;
     }
-    const long started = now_ns();
-    if (pool.sharing) {
-        const uint32_t generation = (uint32_t)(atomic_load(&pool.ticket) >> 32) + 1;
-        pool.jobs[generation % 2] = job;
-        atomic_store(&pool.done, 0);
-        atomic_store(&pool.ticket, (uint64_t)generation << 32); /* publishes the job */
-        if (atomic_load(&pool.sleepers) > 0) {
-            pthread_mutex_lock(&pool.lock);
-            pthread_cond_broadcast(&pool.wake);
-            pthread_mutex_unlock(&pool.lock);
-        }
-        share(generation);
-        while (atomic_load_explicit(&pool.done, memory_order_acquire) < num_blocks) relax();
-    } else {
-        product_blocks(&job, 0, num_blocks);
+    const uint32_t generation = (uint32_t)(atomic_load(&pool.ticket) >> 32) + 1;
+    pool.jobs[generation % 2] = job;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.ticket, (uint64_t)generation << 32); /* publishes the job */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
     }
-    weigh(now_ns() - started, (double)num_blocks * BLOCK * in);
+    share(generation);
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < num_blocks) relax();
     atomic_store(&pool.busy, 0);
 }
 

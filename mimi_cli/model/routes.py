@@ -26,12 +26,13 @@ whose other cores are kept for other work).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,6 +49,7 @@ PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahea
 # interleaved rounds; each candidate's fastest counts (a memory-bound read only loses time to noise)
 ROUNDS = 5
 MAX_KERNEL_THREADS = 4  # beyond this a live frame's products gain little, and other work needs cores
+ONE_FRAME_CALL = 2  # frames of a streamed call that `Sharing` times (one frame's call gives two steps)
 ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 THREADS_ENV = "MIMI_NATIVE_THREADS"  # the kernel's threads, instead of the timed choice
 
@@ -74,6 +76,59 @@ class Routes:
 
 
 TORCH_ONLY = Routes(products="onednn", attention="torch")
+
+
+class Sharing:
+    """Whether one stream's frames share the kernel's products with its helper threads, chosen by
+    timing the frames both ways as they go.
+
+    Helpers pay where a core is free (an idle Intel Xeon: a frame 15–16 ms shared, 20–21 alone) and
+    cost where none is (the same Xeon with one core busy elsewhere: 29 against 22), and a machine's
+    load changes while a live stream runs. So a stream runs its frames in windows of `WINDOW`, each
+    shared or alone; keeps each way's time per frame (the mean of its last window and what it had
+    before); runs the next window the faster way, and every `EXPLORE`-th window the other way, so that
+    a change of load is seen within seconds. Whole frames are what is timed, so all a helper costs
+    (its spinning takes a core that other work then takes from the caller) is counted.
+    """
+
+    WINDOW = 4
+    EXPLORE = 16
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.cost: dict[bool, float | None] = {True: None, False: None}  # s per frame, by way
+        self.shared = True  # the current window's way
+        self._frames, self._elapsed, self._windows = 0, 0.0, 0
+
+    @contextlib.contextmanager
+    def timed(self, frames: int) -> Iterator[None]:
+        """Runs a call of `frames` frames the current window's way and counts its time; a call that is
+        not one-frame work (no frames, or more than a few), or a process whose kernel has no helpers,
+        is run as it is and not counted."""
+        if not 0 < frames <= ONE_FRAME_CALL or native.library() is None or chosen().threads == 1:
+            yield
+            return
+        native.set_sharing(self.shared)
+        started = self.clock()
+        yield
+        self._count(self.clock() - started, frames)
+
+    def _count(self, seconds: float, frames: int) -> None:
+        self._frames += frames
+        self._elapsed += seconds
+        if self._frames < self.WINDOW:
+            return
+        per_frame, before = self._elapsed / self._frames, self.cost[self.shared]
+        self.cost[self.shared] = per_frame if before is None else (before + per_frame) / 2
+        alone, shared = self.cost[False], self.cost[True]
+        if alone is None or shared is None:  # a way not timed yet is timed next
+            share = alone is not None
+        else:
+            share = shared < alone
+            self._windows += 1
+            share = not share if self._windows % self.EXPLORE == 0 else share
+        self.shared = share
+        self._frames, self._elapsed = 0, 0.0
 
 
 def products() -> str:
