@@ -196,9 +196,9 @@ class _Clock:
     def __call__(self) -> float:
         return self.now
 
-    def frame(self, sharing: routes.Sharing) -> None:
+    def frame(self, sharing: routes.Sharing, extra: float = 0.0) -> None:
         with sharing.timed(1):
-            self.now += self.cost[self.way]
+            self.now += self.cost[self.way] + extra
 
 
 @pytest.mark.parametrize("faster", ["shared", "alone"])
@@ -208,10 +208,24 @@ def test_a_streams_frames_run_the_faster_way_and_look_at_the_other_now_and_then(
     sharing = routes.Sharing(clock)
     for _ in range(320):
         clock.frame(sharing)
-    ways = clock.ways[2 * sharing.WINDOW :]  # after one window each way
+    ways = clock.ways[3 * sharing.WINDOW :]  # after a window of warm-up and one window each way
     slower = sum(way != (faster == "shared") for way in ways)
-    assert clock.ways[: 2 * sharing.WINDOW] == [True] * sharing.WINDOW + [False] * sharing.WINDOW
+    first = [True] * 2 * sharing.WINDOW + [False] * sharing.WINDOW
+    assert clock.ways[: 3 * sharing.WINDOW] == first
     assert slower == len(ways) // (sharing.WINDOW * sharing.EXPLORE) * sharing.WINDOW  # exploring only
+
+
+def test_the_warm_up_window_and_one_slow_frame_do_not_decide(monkeypatch):
+    monkeypatch.setattr(routes, "chosen", lambda: routes.Routes(threads=2))
+    clock = _Clock(monkeypatch, alone=0.020, shared=0.015)
+    sharing = routes.Sharing(clock)
+    clock.cost[True] = 0.500  # the first calls pack the weights
+    for _ in range(sharing.WINDOW):
+        clock.frame(sharing)
+    clock.cost[True] = 0.015
+    for index in range(6 * sharing.WINDOW):
+        clock.frame(sharing, extra=0.3 if index == 5 else 0.0)  # one frame held up by the system
+    assert sharing.cost == pytest.approx({True: 0.015, False: 0.020}) and sharing.shared
 
 
 def test_a_change_of_load_is_followed_within_a_few_explorations(monkeypatch):

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -84,11 +85,12 @@ class Sharing:
 
     Helpers pay where a core is free (an idle Intel Xeon: a frame 15–16 ms shared, 20–21 alone) and
     cost where none is (the same Xeon with one core busy elsewhere: 29 against 22), and a machine's
-    load changes while a live stream runs. So a stream runs its frames in windows of `WINDOW`, each
-    shared or alone; keeps each way's time per frame (the mean of its last window and what it had
-    before); runs the next window the faster way, and every `EXPLORE`-th window the other way, so that
-    a change of load is seen within seconds. Whole frames are what is timed, so all a helper costs
-    (its spinning takes a core that other work then takes from the caller) is counted.
+    load changes while a live stream runs. So after a first window of warm-up (buffers, packed
+    weights), a stream runs its frames in windows of `WINDOW`, each shared or alone; keeps each way's
+    time per frame (the median of its latest window: one frame held up by the system does not
+    decide); runs the next window the faster way, and every `EXPLORE`-th window the other way, so
+    that a change of load is seen within seconds. Whole frames are what is timed, so all a helper
+    costs (its spinning takes a core that other work then takes from the caller) is counted.
     """
 
     WINDOW = 4
@@ -98,7 +100,8 @@ class Sharing:
         self.clock = clock
         self.cost: dict[bool, float | None] = {True: None, False: None}  # s per frame, by way
         self.shared = True  # the current window's way
-        self._frames, self._elapsed, self._windows = 0, 0.0, 0
+        self._window: list[float] = []  # s per frame of the current window's calls
+        self._windows = -1  # (the first window warms up)
 
     @contextlib.contextmanager
     def timed(self, frames: int) -> Iterator[None]:
@@ -111,24 +114,22 @@ class Sharing:
         native.set_sharing(self.shared)
         started = self.clock()
         yield
-        self._count(self.clock() - started, frames)
+        self._count((self.clock() - started) / frames)
 
-    def _count(self, seconds: float, frames: int) -> None:
-        self._frames += frames
-        self._elapsed += seconds
-        if self._frames < self.WINDOW:
+    def _count(self, per_frame: float) -> None:
+        self._window.append(per_frame)
+        if len(self._window) < self.WINDOW:
             return
-        per_frame, before = self._elapsed / self._frames, self.cost[self.shared]
-        self.cost[self.shared] = per_frame if before is None else (before + per_frame) / 2
+        if self._windows >= 0:
+            self.cost[self.shared] = statistics.median(self._window)
+        self._windows += 1
+        self._window = []
         alone, shared = self.cost[False], self.cost[True]
         if alone is None or shared is None:  # a way not timed yet is timed next
-            share = alone is not None
+            self.shared = alone is not None or shared is None
         else:
-            share = shared < alone
-            self._windows += 1
-            share = not share if self._windows % self.EXPLORE == 0 else share
-        self.shared = share
-        self._frames, self._elapsed = 0, 0.0
+            faster = shared < alone
+            self.shared = not faster if self._windows % self.EXPLORE == 0 else faster
 
 
 def products() -> str:
