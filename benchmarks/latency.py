@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> None:
             (f"{name} ≤ {TARGETS['bulk_ratio']:.0f}× bulk", ratio <= TARGETS["bulk_ratio"]),
             (f"{name} p99 ≤ {TARGETS['p99_ms']:.0f} ms", stats["p99"] <= TARGETS["p99_ms"]),
         ]
+    for name in ("encode", "decode"):
+        sharing = result[name].get("sharing")
+        if sharing:
+            print(
+                f"({name}: products shared with the kernel's helpers in {sharing['shared_frames']:.0%} "
+                f"of frames; latest ms/frame shared {sharing['shared_ms']}, alone {sharing['alone_ms']})"
+            )
     print(
         f"(bulk: {args.bulk_seconds:g} s in one call, 1 thread; "
         f"before {bulk_before[0]:.1f}/{bulk_before[1]:.1f}, "

@@ -58,6 +58,7 @@ class LiveSummary(Summary):
 
     frame_seconds: tuple[float, ...] = field(default=(), repr=False)
     stopped: bool = False  # ended by an interrupt rather than by the end of its input
+    sharing: dict[str, float] | None = None  # how the C kernel's products ran (`routes.Sharing.summary`)
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in super().as_dict().items() if k != "frame_seconds"}
@@ -190,6 +191,7 @@ def encode_live(
         frames=final.num_frames or 0,
         container_bytes=sink.count if isinstance(sink, _CountingPipe) else os.path.getsize(dst),
         pcm_bytes=source.frames_read * source.channels * 2,
+        sharing=encoder.sharing.summary(),
     )  # fmt: skip
 
 
@@ -400,6 +402,7 @@ def decode_live(
         frames=frames,
         container_bytes=stream.count,
         pcm_bytes=(final.original_length or 0) * final.original_channels * 2,
+        sharing=decoder.sharing.summary(),
     )  # fmt: skip
 
 

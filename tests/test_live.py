@@ -398,3 +398,25 @@ def test_live_refuses_an_mp4_whose_index_comes_last(tiny_weights, tmp_path):
     lines = proc.stderr.decode().strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: <stdin>:"), lines
     assert "+faststart" in lines[0]
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_live_summary_says_how_the_kernels_products_ran(tiny, tmp_path, monkeypatch, threads):
+    from mimi_cli.model import native, routes
+
+    if native.library() is None:
+        pytest.skip("no C kernel here (no compiler): its products have no helpers to share with")
+    sf.write(tmp_path / "in.wav", speech_like(1.5), 24_000)  # 19 frames: warm-up, then both ways timed
+    monkeypatch.setenv(routes.THREADS_ENV, threads)
+    routes.chosen.cache_clear()
+    try:
+        summary = encode_live(tiny, tmp_path / "in.wav", tmp_path / "a.mimi", 8)
+    finally:
+        routes.chosen.cache_clear()
+        monkeypatch.delenv(routes.THREADS_ENV)
+        routes.chosen()  # (this process's own choice again)
+    if threads == "1":
+        assert summary.sharing is None and summary.as_dict()["sharing"] is None
+    else:
+        assert 0 < summary.sharing["shared_frames"] < 1
+        assert summary.sharing["shared_ms"] > 0 and summary.sharing["alone_ms"] > 0

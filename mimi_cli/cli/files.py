@@ -246,8 +246,9 @@ def _live(
     audio_format: str | None = None,
     chunk_frames: int = 1,
 ) -> None:
-    """Run `encode_live` or `decode_live`; one model thread per process (an encoder and a decoder
-    share two cores best that way: one-frame calls are too small to split across threads)."""
+    """Run `encode_live` or `decode_live`; one model thread per process (a frame's torch operations
+    are too small to split across threads), while the C kernel's products may share their reading with
+    helper threads where that pays (`model.routes.Sharing`)."""
     import torch
 
     from .. import live

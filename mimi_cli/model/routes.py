@@ -102,6 +102,20 @@ class Sharing:
         self.shared = True  # the current window's way
         self._window: list[float] = []  # s per frame of the current window's calls
         self._windows = -1  # (the first window warms up)
+        self.frames = {True: 0, False: 0}  # frames run each way
+
+    def summary(self) -> dict[str, float] | None:
+        """How the stream ran: the share of its frames that shared products, and each way's latest
+        ms per frame; None where nothing was timed (no helpers, or not one-frame work)."""
+        total = self.frames[True] + self.frames[False]
+        if not total:
+            return None
+        ms = {way: None if cost is None else round(cost * 1000, 2) for way, cost in self.cost.items()}
+        return {
+            "shared_frames": round(self.frames[True] / total, 3),
+            "shared_ms": ms[True],
+            "alone_ms": ms[False],
+        }
 
     @contextlib.contextmanager
     def timed(self, frames: int) -> Iterator[None]:
@@ -112,6 +126,7 @@ class Sharing:
             yield
             return
         native.set_sharing(self.shared)
+        self.frames[self.shared] += frames
         started = self.clock()
         yield
         self._count((self.clock() - started) / frames)
