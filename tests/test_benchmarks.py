@@ -77,7 +77,10 @@ BATCH = [
     line("share of the CPUs used by other processes during each run: "),
 ]
 CORPUS = [
-    *(row(engine, NUM, NUM, NUM, NUM, NUM, PCT) for engine in ("local", "local, 1 torch thread")),
+    *(
+        row(engine, NUM, NUM, NUM, NUM, NUM, NUM, NUM, r"(yes|NO|\(reference\))", PCT)
+        for engine in ("local", "local, 1 torch thread")
+    ),
     line("shards identical across engines: ", r"(yes|no); same files, rows and columns: yes; "),
 ]
 LATENCY = [
