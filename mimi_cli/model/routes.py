@@ -26,6 +26,7 @@ whose other cores are kept for other work).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -87,18 +88,23 @@ class Sharing:
     cost where none is (the same Xeon with one core busy elsewhere: 29 against 22), and a machine's
     load changes while a live stream runs. So after a first window of warm-up (buffers, packed
     weights), a stream runs its frames in windows of `WINDOW`, each shared or alone; keeps each way's
-    time per frame (the median of its latest window: one frame held up by the system does not
-    decide); runs the next window the faster way, and every `EXPLORE`-th window the other way, so
-    that a change of load is seen within seconds. Whole frames are what is timed, so all a helper
-    costs (its spinning takes a core that other work then takes from the caller) is counted.
+    time per frame (the median of its last `KEPT` windows' medians: one frame, or one window, held up
+    by the system does not decide); runs the next window the faster way, and every `EXPLORE`-th
+    window the other way, so that a change of load is seen within seconds. Whole frames are what is
+    timed, so all a helper costs (its spinning takes a core that other work then takes from the
+    caller) is counted.
     """
 
     WINDOW = 4
     EXPLORE = 16
+    KEPT = 3
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self.cost: dict[bool, float | None] = {True: None, False: None}  # s per frame, by way
+        self._kept: dict[bool, collections.deque[float]] = {
+            way: collections.deque(maxlen=self.KEPT) for way in (True, False)
+        }
         self.shared = True  # the current window's way
         self._window: list[float] = []  # s per frame of the current window's calls
         self._windows = -1  # (the first window warms up)
@@ -136,7 +142,8 @@ class Sharing:
         if len(self._window) < self.WINDOW:
             return
         if self._windows >= 0:
-            self.cost[self.shared] = statistics.median(self._window)
+            self._kept[self.shared].append(statistics.median(self._window))
+            self.cost[self.shared] = statistics.median(self._kept[self.shared])
         self._windows += 1
         self._window = []
         alone, shared = self.cost[False], self.cost[True]
