@@ -425,9 +425,9 @@ def test_without_the_storage_extra_a_url_says_how_to_install_it(
 
 
 def test_hf_and_gs_urls_route_to_their_file_systems() -> None:
-    """hf:// and gs:// are not served here: hf://'s routing (huggingface_hub is a core dependency) and the
-    path arithmetic of both are checked without a request (gcsfs, in the storage extra only, is not
-    installed for the tests: a gs:// URL without it is one line, tested above)."""
+    """hf://'s routing and the path arithmetic of hf:// and gs:// without a request (hf:// end to end is in
+    test_hub_datasets.py; gcsfs, in the storage extra only, is not installed for the tests: a gs:// URL
+    without it is one line, tested above)."""
     fs, path = storage.filesystem("hf://datasets/org/speech/data/train.parquet")
     assert type(fs).__name__ == "HfFileSystem" and path == "datasets/org/speech/data/train.parquet"
     listed = "hf://datasets/org/speech/lists/train.txt"
