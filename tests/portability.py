@@ -64,6 +64,7 @@ def run(arch: str, level: str, tests: list[str], extra: list[str]) -> tuple[str,
         "ATEN_CPU_CAPABILITY": level,
         "MKL_ENABLE_INSTRUCTIONS": mkl,
         "ONEDNN_MAX_CPU_ISA": onednn,
+        "COLUMNS": "300",  # wide enough that pytest's summary keeps each failure's message
     }
     check = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     seen = subprocess.run(
