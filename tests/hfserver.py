@@ -126,9 +126,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "GET":
             self.wfile.write(data[start:end])
 
-    def _json(self, value: object) -> None:
+    def _json(self, value: object, status: int = 200, error_code: str | None = None) -> None:
         data = json.dumps(value).encode()
-        self.send_response(200)
+        self.send_response(status)
+        if error_code is not None:
+            self.send_header("X-Error-Code", error_code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -136,14 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _error(self, status: int, code: str) -> None:
-        data = json.dumps({"error": code}).encode()
-        self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self._json({"error": code}, status, code)
 
     def log_message(self, format: str, *args: object) -> None:  # the log is `server.requests`
         pass

@@ -29,6 +29,7 @@ import soundfile as sf
 MIMI = Path(sys.executable).with_name("mimi")
 RUNS = 20  # per command: 40 interrupted runs in all
 PARALLEL = 2
+EARLIEST = 0.25  # s: no signal before the interpreter has started
 ATTEMPTS = 4  # per run: the delay is halved after a run that ended before its signal
 
 
@@ -81,8 +82,8 @@ def _interrupted_run(
     try:
         time.sleep(delay)
         if proc.poll() is not None:
-            stderr = proc.stderr.read().decode(errors="replace")
             if proc.returncode != 0:
+                stderr = proc.stderr.read().decode(errors="replace")
                 return f"ended by itself before the signal at {delay:.2f} s: exit {proc.returncode}\n{stderr}"
             raise EndedBeforeTheSignal
         if group:
@@ -115,7 +116,7 @@ def _interrupted_in_a_fresh_folder(run, folder: Path, delay: float) -> str | Non
         try:
             return run(folder, delay)
         except EndedBeforeTheSignal:
-            delay = max(0.25, delay / 2)
+            delay = max(EARLIEST, delay / 2)
     return f"ended before the signal {ATTEMPTS} times, the last delay {delay:.2f} s"
 
 
@@ -132,7 +133,7 @@ def test_ctrl_c_at_random_moments_ends_every_run_cleanly(kind, long_flac, tiny_w
     seconds = _uninterrupted_seconds(_command(kind, src, reference / f"out{suffix}", tiny_weights))
     assert seconds > 1.0, "the run is too short to be interrupted at random moments"
     rng = np.random.default_rng(16)
-    delays = rng.uniform(0.25, 0.6 * seconds, RUNS)
+    delays = rng.uniform(EARLIEST, 0.6 * seconds, RUNS)
 
     def one(index: int) -> str | None:
         def run(folder: Path, delay: float) -> str | None:
@@ -169,7 +170,7 @@ def test_ctrl_c_ends_tokenize_and_compare_cleanly(kind, tiny_weights, tmp_path):
 
     (tmp_path / "reference").mkdir()
     seconds = _uninterrupted_seconds(command(tmp_path / "reference"))
-    delays = np.random.default_rng(17).uniform(0.25, 0.6 * seconds, 6)
+    delays = np.random.default_rng(17).uniform(EARLIEST, 0.6 * seconds, 6)
 
     def run(folder: Path, delay: float) -> str | None:
         problem = _interrupted_run(command(folder), folder, delay, unchanged=kind == "compare", group=True)
