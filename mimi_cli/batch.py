@@ -415,9 +415,13 @@ class _Executor:
         result = _Result()
         if self._pool is None:
             try:
-                result.set_result(fn(*args))
+                value = fn(*args)
             except BaseException as e:
                 result.set_exception(e)
+                return result
+            # Outside the try: a Ctrl-C that lands inside set_result, after the future is already
+            # finished, must propagate as itself and not be set a second time as its error.
+            result.set_result(value)
             return result
         inner = self._pool.submit(fn, *args)
         inner.add_done_callback(lambda f: _copy(f, result))

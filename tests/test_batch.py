@@ -783,3 +783,18 @@ def test_a_failing_batch_is_retried_file_by_file():
     outputs = batch._run_model_or_errors(run_model, [(job, None) for job in jobs])
     assert outputs[0] == "codes of 0.wav" and outputs[2] == "codes of 2.wav"
     assert isinstance(outputs[1], ValueError)
+
+
+def test_ctrl_c_inside_set_result_propagates_as_itself(monkeypatch):
+    """With one worker tasks run inline; a Ctrl-C landing in set_result, after the future is
+    finished, is a KeyboardInterrupt (exit 130), not InvalidStateError from setting it twice (CI
+    saw that once in test_sigint_exits_130_cleanly_and_rerun_finishes[jobs-1])."""
+    finish = batch._Result.set_result
+
+    def interrupted(self, value):
+        finish(self, value)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch._Result, "set_result", interrupted)
+    with batch._Executor(1) as pool, pytest.raises(KeyboardInterrupt):
+        pool.submit(lambda: "prepared")
