@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from serving import serving
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 API = re.compile(r"/api/datasets/(?P<repo>[^/]+/[^/]+)(?:/(?P<what>revision|tree|paths-info)/(?P<rest>.*))?")
@@ -147,12 +148,5 @@ class _Handler(BaseHTTPRequestHandler):
 @contextmanager
 def dataset_hub(repos: dict[str, dict[str, bytes]]) -> Iterator[StandInDatasetHub]:
     """The stand-in on a free loopback port, stopped at the end."""
-    server = StandInDatasetHub(repos)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(StandInDatasetHub(repos)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=30)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from serving import serving
+
 SECRET = "mimiTESTsecretKEY-9f3c2e71d05b"  # the fake AWS secret key; must appear in no output
 ACCESS_KEY = "AKIAMIMITESTKEY00001"
 REGION = "us-east-1"
@@ -158,7 +160,7 @@ class FaultyProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._serving = serving(self.server)
 
     def _next_fault(self) -> str | None:
         with self._lock:
@@ -181,13 +183,11 @@ class FaultyProxy:
             connection.close()
 
     def __enter__(self) -> FaultyProxy:
-        self._thread.start()
+        self._serving.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=10)
+        self._serving.__exit__(*exc)
 
 
 def headers_length(headers: list, body: bytes, method: str) -> int:

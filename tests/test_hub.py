@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from serving import serving
 from signals import speech_like
 
 from mimi_cli import load_model
@@ -103,13 +104,8 @@ def hub(tiny_weights) -> Iterator[StandInHub]:
         REPO: {name: (tiny_weights / name).read_bytes() for name in ("model.safetensors", "config.json")},
         ORIGINAL_REPO: {ORIGINAL_WEIGHTS_FILE: b"original checkpoint bytes"},
     }
-    server = StandInHub(files)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=30)
+    with serving(StandInHub(files)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
