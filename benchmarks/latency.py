@@ -1,9 +1,10 @@
 """Live mode in real time: `mimi encode - - --live | mimi decode - - --live`, fed at real-time pace.
 
 What it measures (random full-size weights, `--codebooks` 8 by default, everything under a temporary folder):
-  1. Bulk reference, in this process with one thread: encode and decode of `--bulk-seconds` of audio
-     in one call each, as ms per 80 ms frame. Measured before and after the live run (same machine
-     state as the pipeline, as nearly as a shared machine allows); the ratios use their mean.
+  1. Bulk reference, in this process with one thread and glibc tuned as the commands tune it: encode
+     and decode of `--bulk-seconds` of audio in one call each, as ms per 80 ms frame. Measured before
+     and after the live run (same machine state as the pipeline, as nearly as a shared machine
+     allows); the ratios use their mean.
   2. The pipeline: a writer thread feeds 24 kHz speech-like raw PCM into the encoder one 1920-sample
      frame every 80 ms (paced on the clock, never ahead), the encoder's codes go straight into the
      decoder, and this process timestamps each frame's decoded samples as they arrive.
@@ -45,6 +46,7 @@ from signals import speech_like  # noqa: E402
 from weights_factory import TINY_CONFIG, random_state, write_hub_layout  # noqa: E402
 
 from mimi_cli import load_model  # noqa: E402
+from mimi_cli.allocator import keep_freed_memory  # noqa: E402
 from mimi_cli.config import FRAME_SIZE, SAMPLE_RATE, MimiConfig  # noqa: E402
 from mimi_cli.model import routes  # noqa: E402
 
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TINY_CONFIG if args.smoke else MimiConfig()
     frames = max(20, round(args.minutes * 60 / FRAME_SECONDS))
     torch.set_num_threads(1)  # as each live process runs
+    keep_freed_memory()  # as the commands do: the bulk reference runs as `mimi encode` would
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights"

@@ -145,16 +145,47 @@ def test_a_compiler_refusing_the_tuning_flag_still_builds(fresh_build, monkeypat
 
 
 @needs_compiler
-def test_a_kernel_that_disagrees_with_torch_is_not_used(fresh_build, monkeypatch):
+@pytest.mark.parametrize(
+    "right, wrong",
+    [
+        ("a[r][j] += s * wi[j]", "a[r][j] += 2 * s * wi[j]"),  # the products
+        ("m = r + (r * r) * p;", "m = r + (r * r) * p * 1.0001f;"),  # ELU's expm1: ~1e-5 near -0.3
+    ],
+)
+def test_a_kernel_that_disagrees_with_torch_is_not_used(fresh_build, monkeypatch, right, wrong):
     """A miscompiled kernel is caught by the check against torch: torch's routes are kept."""
-    wrong = Path(__file__).parents[1] / "mimi_cli" / "model" / "one_frame.c"
+    original = (Path(__file__).parents[1] / "mimi_cli" / "model" / "one_frame.c").read_text()
+    assert original.count(right) == 1
     source = fresh_build.parent.parent / "wrong.c"
-    source.write_text(wrong.read_text().replace("a[r][j] += s * wi[j]", "a[r][j] += 2 * s * wi[j]"))
+    source.write_text(original.replace(right, wrong))
     monkeypatch.setenv("CC", str(_compiler_wrapper(fresh_build.parent.parent, source=source)))
     assert native.library() is None
     assert len(list(fresh_build.glob("one_frame-*.so"))) == 1  # built, then refused
     assert native.pack(torch.randn(64, 64)) is None
     assert isinstance(pack_for_rows(torch.randn(1024, 512)), onednn.PackedRows)
+
+
+@needs_compiler
+@pytest.mark.parametrize("inplace", [False, True])
+def test_elu_is_within_a_few_ulp_of_expm1_everywhere(inplace):
+    """Every 997th float from -0 to -100 (1.1 million: every exponent, mantissas all over), [-1, 1]
+    densely, and the edges: within the exp error every check allows (`rounding.EXP_ULPS`)."""
+    import numpy as np
+
+    negatives = np.arange(0x80000000, 0xC2C80001, 997, dtype=np.uint64).astype(np.uint32)
+    edges = [0.0, -0.0, 1e-45, -1e-45, -1e-39, 3.0, -87.0, -87.5, -88.0, -1e30, 3e38]
+    x = torch.from_numpy(negatives.view(np.float32))
+    x = torch.cat([x, torch.linspace(-1, 1, 20001), torch.tensor(edges)])
+    expected = torch.where(x > 0, x.double(), torch.expm1(x.double()))
+    before = x.clone()
+    y = native.elu(x, inplace=True) if inplace else native.elu(x)
+    assert (y.data_ptr() == x.data_ptr()) == inplace
+    assert_within(y, expected, rounding.EXP_ULPS * rounding.unit_roundoff() * expected.abs())
+    assert torch.equal(y[x > 0], x[x > 0])  # exact where positive
+    special = native.elu(torch.tensor([torch.inf, -torch.inf, torch.nan, -torch.nan]))
+    assert special[:2].tolist() == [torch.inf, -1.0] and special[2:].isnan().all()
+    if not inplace:
+        assert torch.equal(x, before)
 
 
 @pytest.mark.parametrize("env", [{"CC": "false"}, {"CC": "/nonexistent/cc"}, {"MIMI_NATIVE": "0"}])

@@ -40,6 +40,9 @@ def test_the_choice_is_timed_once_and_recorded(timed, fresh_build):
     chosen = routes.chosen()
     assert timed == [1]
     assert chosen.products in ("kernel", "onednn", "blas") and chosen.attention in ("kernel", "torch")
+    assert chosen.elu in ("kernel", "torch")
+    elu_times = chosen.timings_us["elu kernel"], chosen.timings_us["elu torch"]
+    assert chosen.timings_us[f"elu {chosen.elu}"] == min(elu_times)
     assert chosen.prefetch in routes.PREFETCH_CANDIDATES
     counts = range(1, min(routes.available_cores(), routes.MAX_KERNEL_THREADS) + 1)
     assert {f"kernel threads {count}" for count in counts} == {n for n in chosen.timings_us if "threads" in n}
@@ -54,6 +57,7 @@ def test_the_choice_is_timed_once_and_recorded(timed, fresh_build):
     assert json.loads(saved.read_text())["products"] == chosen.products
     assert not list(fresh_build.glob(".routes-*"))  # no partial file left
     assert "products: " in chosen.describe() and "KiB ahead" in chosen.describe()
+    assert f"elu: {chosen.elu}" in chosen.describe()
     assert f"kernel threads: {chosen.threads}" in chosen.describe()
 
 
@@ -84,6 +88,25 @@ def test_slow_attention_is_never_chosen(timed, monkeypatch, slow):
             _slowed(torch.nn.functional.scaled_dot_product_attention, 0.0005),
         )
     assert routes.chosen().attention != slow
+
+
+@pytest.mark.parametrize("slow", ["kernel", "torch"])
+def test_a_slow_elu_is_never_chosen_and_the_seanet_follows_the_choice(timed, monkeypatch, slow):
+    from mimi_cli.config import MimiConfig
+    from mimi_cli.model.seanet import SeanetEncoder
+
+    if slow == "kernel":
+        monkeypatch.setattr(native, "elu", _slowed(native.elu, 0.0005))
+    else:
+        monkeypatch.setattr(routes.F, "elu", _slowed(torch.nn.functional.elu, 0.0005))
+    assert routes.chosen().elu != slow
+    calls = []
+    elu = native.elu
+    monkeypatch.setattr(native, "elu", lambda *a: calls.append(1) or elu(*a))
+    encoder = SeanetEncoder(MimiConfig(num_filters=4, hidden_size=16))
+    with torch.inference_mode():
+        encoder(torch.randn(1, 960, 1))
+    assert (len(calls) > 0) == (slow == "torch")
 
 
 def test_the_cached_choice_is_reused_without_timing(timed, monkeypatch):
@@ -137,7 +160,8 @@ def test_mimi_native_forces_a_route_without_timing_against_it(timed, monkeypatch
     monkeypatch.setenv(native.DISABLE_ENV, "1")
     routes.chosen.cache_clear()
     forced = routes.chosen()
-    assert (forced.products, forced.attention) == ("kernel", "kernel") and timed == [1]  # its cache, reused
+    assert (forced.products, forced.attention, forced.elu) == ("kernel",) * 3
+    assert timed == [1]  # its cache, reused
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     native.library.cache_clear()
     routes.chosen.cache_clear()

@@ -20,6 +20,9 @@
  * product, and a spinning helper pushes other work onto the caller's core (an Intel Xeon with one
  * core busy elsewhere: a frame 22 ms alone, 29 shared). So the caller can turn sharing off and on
  * (`mimi_set_sharing`): each stream times its frames both ways as it goes (`routes.Sharing`).
+ *
+ * Also here: the SEANet's ELU in one vectorized pass (`mimi_elu`; torch's costs ~1.4 ns a value on an
+ * AMD EPYC with AVX-512, this one ~0.55, and ~0.8 with AVX2 only), taken where `routes.py` times it faster.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
@@ -402,5 +405,48 @@ void mimi_residual_codes(float *residual, int dim, int count, const float *const
         codes[c] = best;
         const float *centroid = centroids[c] + (size_t)best * centroid_stride;
         for (i = 0; i < dim; i++) residual[i] -= centroid[i];
+    }
+}
+
+/* expm1(x) for -87 <= x <= 0, within ~1 ulp, in plain arithmetic so that a loop of it vectorizes:
+ * x = n·ln2 + r with |r| <= ln2 / 2, expm1(r) = r + r²·P(r) by its Taylor series to r^8 (relative
+ * error below 0.02 ulp; written so that it keeps its relative accuracy near 0), then expm1(x) =
+ * 2^n·expm1(r) + (2^n - 1): the product is exact (a power of two) and so is 2^n - 1 (n >= -24;
+ * below, it rounds to -1, as the result does), so the last sum is the only rounding after the series. */
+static inline float expm1_nonpositive(float x) {
+    const float magic = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
+    const float n = (x * 1.44269504088896341f + magic) - magic;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln 2 = 0.693359375 - 2.12194440e-4 */
+    float p = 1.0f / 40320.0f;
+    p = p * r + 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    const float m = r + (r * r) * p; /* expm1(r) */
+    const int bits = ((int)n + 127) << 23;
+    float scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return scale * m + (scale - 1.0f);
+}
+
+/* y = ELU(x) (alpha 1: x where x > 0, else expm1(x); NaN stays NaN) of n values; y may be x.
+ * Every choice is made on the bits, as integers: GCC vectorizes a float comparison that feeds a
+ * choice only with AVX-512's masks (or where floating-point exceptions may be ignored). */
+void mimi_elu(const float *x, float *y, long n) {
+    const int32_t minus_87 = (int32_t)0xC2AE0000, magnitude_87 = 0x42AE0000, infinity = 0x7F800000;
+    for (long i = 0; i < n; i++) {
+        int32_t bits, e_bits;
+        __builtin_memcpy(&bits, x + i, sizeof bits);
+        const int32_t magnitude = bits & 0x7FFFFFFF;
+        const int32_t keep = ~(bits >> 31) | -(int32_t)(magnitude > infinity); /* x > 0, +0 or NaN */
+        const int32_t below_bits = (magnitude > magnitude_87 ? minus_87 : bits) & ~keep; /* in [-87, 0] */
+        float below, e;
+        __builtin_memcpy(&below, &below_bits, sizeof below);
+        e = expm1_nonpositive(below);
+        __builtin_memcpy(&e_bits, &e, sizeof e_bits);
+        const int32_t out = (bits & keep) | (e_bits & ~keep);
+        __builtin_memcpy(y + i, &out, sizeof out);
     }
 }

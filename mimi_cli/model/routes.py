@@ -12,7 +12,10 @@ where oneDNN read 9–10. So the first one-frame call times the candidates on th
   one frame, the quantizer's distance tables and few-output convolutions): the kernel, oneDNN's
   packed rows or the BLAS, on the released model's four projection shapes, read cold;
 - attention of a streamed call, from its stacked q/k/v: the kernel's one call (RoPE, the window,
-  the attention), or torch's RoPE, window and `scaled_dot_product_attention`.
+  the attention), or torch's RoPE, window and `scaled_dot_product_attention`;
+- the SEANet's ELUs: the kernel's one pass (its expm1 vectorizes as far as the build's instruction
+  set allows: ~2.6x torch's with AVX-512, ~1.9x with AVX2, slower than torch's with SSE alone) or
+  torch's, on a frame's activations.
 
 The choice is written as JSON beside the compiled kernel (`cache_dir()/kernels`), keyed like it (its
 source, compiler, flags and CPU), by this module's source (how the choice is made), by torch's
@@ -44,8 +47,10 @@ import torch.nn.functional as F
 from .. import fpcache
 from . import native, onednn
 
-ROUTES_VERSION = 2
+ROUTES_VERSION = 3
 PRODUCT_SHAPES = ((1536, 512), (512, 512), (2048, 512), (512, 2048))  # q/k/v, o, fc1, fc2 of a layer
+# the released SEANet's activations where a frame's ELUs run (steps, channels), encoder and decoder
+ELU_SHAPES = ((1920, 64), (1920, 32), (480, 128), (480, 64), (96, 256), (96, 128), (16, 512), (16, 256))
 LAYERS_READ = 10  # copies of the four shapes read in turn: 120 MiB (see `time_routes`)
 PREFETCH_CANDIDATES = tuple((ahead, locality) for locality in (0, 2, 3) for ahead in (512, 2048))
 # interleaved rounds; each candidate's fastest counts (a memory-bound read only loses time to noise)
@@ -59,11 +64,12 @@ THREADS_ENV = "MIMI_NATIVE_THREADS"  # the kernel's threads, instead of the time
 @dataclass(frozen=True)
 class Routes:
     """The routes of one-frame calls: "kernel", "onednn" or "blas" for products, "kernel" or "torch"
-    for attention, the kernel's prefetch (floats ahead, locality) and threads, and the timings behind
-    them (µs)."""
+    for attention and for ELU (every CPU call's), the kernel's prefetch (floats ahead, locality) and
+    threads, and the timings behind them (µs)."""
 
     products: str = "kernel"
     attention: str = "kernel"
+    elu: str = "kernel"
     prefetch: tuple[int, int] = (2048, 0)
     threads: int = 1
     timings_us: dict[str, float] = field(default_factory=dict)
@@ -74,10 +80,10 @@ class Routes:
         level = {0: "non-temporal", 2: "into L2", 3: "into L1"}.get(locality, str(locality))
         prefetch = f"{4 * ahead // 1024} KiB ahead {level}"
         kernel = f"kernel prefetch: {prefetch}, kernel threads: {self.threads}"
-        return f"products: {self.products}, attention: {self.attention}, {kernel}"
+        return f"products: {self.products}, attention: {self.attention}, elu: {self.elu}, {kernel}"
 
 
-TORCH_ONLY = Routes(products="onednn", attention="torch")
+TORCH_ONLY = Routes(products="onednn", attention="torch", elu="torch")
 
 
 class Sharing:
@@ -164,6 +170,11 @@ def attention() -> str:
     return chosen().attention
 
 
+def elu() -> str:
+    """The route of the SEANet's ELUs on CPU: "kernel" or "torch"."""
+    return chosen().elu
+
+
 @functools.cache
 def chosen() -> Routes:
     """This machine's routes, read from the cache or else timed (and cached); torch's alone where the
@@ -179,7 +190,7 @@ def chosen() -> Routes:
         _write(path, routes)
     native.set_prefetch(*routes.prefetch)
     if os.environ.get(native.DISABLE_ENV) == "1":
-        routes = replace(routes, products="kernel", attention="kernel")
+        routes = replace(routes, products="kernel", attention="kernel", elu="kernel")
     forced = os.environ.get(THREADS_ENV, "").strip()
     if forced:
         if not forced.isdigit() or not 1 <= int(forced) <= MAX_KERNEL_THREADS:
@@ -245,13 +256,16 @@ def time_routes() -> Routes:
         candidates["onednn"] = through(packed)
     product_times = _fastest(candidates)
     attention_times = _fastest(_attention_candidates(generator))
+    elu_times = _fastest(_elu_candidates(generator))
     timings = {f"prefetch {ahead}/{locality}": t for (ahead, locality), t in prefetch_times.items()}
     timings |= {f"kernel threads {count}": t for count, t in thread_times.items()}
     timings |= {f"products {name}": t for name, t in product_times.items()}
     timings |= {f"attention {name}": t for name, t in attention_times.items()}
+    timings |= {f"elu {name}": t for name, t in elu_times.items()}
     return Routes(
         products=min(product_times, key=product_times.get),
         attention=min(attention_times, key=attention_times.get),
+        elu=min(elu_times, key=elu_times.get),
         prefetch=best_prefetch,
         threads=best_threads,
         timings_us={name: round(t * 1e6, 1) for name, t in timings.items()},
@@ -314,6 +328,15 @@ def _attention_candidates(generator: torch.Generator) -> dict[str, Callable[[], 
     }
 
 
+def _elu_candidates(generator: torch.Generator) -> dict[str, Callable[[], None]]:
+    """The ELUs of one streamed frame (encoder and decoder: each shape twice), each route's way."""
+    activations = [torch.randn(1, *shape, generator=generator) for shape in ELU_SHAPES * 2]
+    return {
+        "kernel": _cycle([functools.partial(native.elu, x) for x in activations]),
+        "torch": _cycle([functools.partial(F.elu, x) for x in activations]),
+    }
+
+
 def _cycle(calls: list[Callable[[], object]]) -> Callable[[], None]:
     """One call that makes every call of the list: a pass over weights too large to stay in cache."""
 
@@ -346,6 +369,7 @@ def _read(path: Path) -> Routes | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     valid = routes.products in ("kernel", "onednn", "blas") and routes.attention in ("kernel", "torch")
+    valid = valid and routes.elu in ("kernel", "torch")
     valid = valid and isinstance(routes.threads, int) and 1 <= routes.threads <= MAX_KERNEL_THREADS
     return routes if valid and all(isinstance(x, int) for x in routes.prefetch) else None
 
