@@ -278,14 +278,29 @@ static inline float dot(const float *restrict a, const float *restrict b, int di
     return part[0] + tail;
 }
 
-/* exp(x) for x <= 0, within ~2 ulp, in plain arithmetic so that a loop of it vectorizes (libm's expf
- * is one call per value): x = n·ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7, and
- * 2^n put in the exponent bits. Below -87 (where exp(x) < 2^-125) it returns ~1.6e-38, not 0. */
-static inline float exp_nonpositive(float x) {
+/* x = n·ln2 + r with |r| <= ln2 / 2 (-87 <= x <= 0): returns n, sets r. ln 2 is taken in two parts
+ * (0.693359375 is exact in a few bits, so n times it is exact too), so r keeps float precision. */
+static inline float ln2_multiple(float x, float *r) {
     const float magic = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
-    x = x < -87.0f ? -87.0f : x;
     const float n = (x * 1.44269504088896341f + magic) - magic;
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln 2 = 0.693359375 - 2.12194440e-4 */
+    *r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln 2 = 0.693359375 - 2.12194440e-4 */
+    return n;
+}
+
+/* 2^n for an integer n from -126 to 0, put in the exponent bits. */
+static inline float power_of_two(float n) {
+    const int bits = ((int)n + 127) << 23;
+    float scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return scale;
+}
+
+/* exp(x) for x <= 0, within ~2 ulp, in plain arithmetic so that a loop of it vectorizes (libm's expf
+ * is one call per value): x = n·ln2 + r, exp(r) by its Taylor series to r^7, times 2^n. Below -87
+ * (where exp(x) < 2^-125) it returns ~1.6e-38, not 0. */
+static inline float exp_nonpositive(float x) {
+    float r;
+    const float n = ln2_multiple(x < -87.0f ? -87.0f : x, &r);
     float p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
@@ -294,10 +309,7 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const int bits = ((int)n + 127) << 23;
-    float scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return p * power_of_two(n);
 }
 
 /* Causal sliding-window attention of a few query steps over the keys and values kept by a stream.
@@ -414,9 +426,8 @@ void mimi_residual_codes(float *residual, int dim, int count, const float *const
  * 2^n·expm1(r) + (2^n - 1): the product is exact (a power of two) and so is 2^n - 1 (n >= -24;
  * below, it rounds to -1, as the result does), so the last sum is the only rounding after the series. */
 static inline float expm1_nonpositive(float x) {
-    const float magic = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
-    const float n = (x * 1.44269504088896341f + magic) - magic;
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln 2 = 0.693359375 - 2.12194440e-4 */
+    float r;
+    const float n = ln2_multiple(x, &r);
     float p = 1.0f / 40320.0f;
     p = p * r + 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
@@ -425,9 +436,7 @@ static inline float expm1_nonpositive(float x) {
     p = p * r + 1.0f / 6.0f;
     p = p * r + 0.5f;
     const float m = r + (r * r) * p; /* expm1(r) */
-    const int bits = ((int)n + 127) << 23;
-    float scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
+    const float scale = power_of_two(n);
     return scale * m + (scale - 1.0f);
 }
 
