@@ -84,7 +84,10 @@ CORPUS = [
     line("shards identical across engines: ", r"(yes|no); same files, rows and columns: yes; "),
 ]
 LATENCY = [
-    line("one-frame routes (chosen by timing on this machine, cached): products: ", r"\w+, attention: \w+, "),
+    line(
+        "one-frame routes (chosen by timing on this machine, cached): products: ",
+        r"\w+, attention: \w+, elu: \w+, ",
+    ),
     line("live run: 20 frames "),
     r"^per-frame compute, ms +median +p99 +max +bulk +× bulk$",
     *(rf"^{step} +{NUM} +{NUM} +{NUM} +{NUM} +{NUM}×$" for step in ("encode", "decode")),
