@@ -49,9 +49,11 @@ def fresh_build(tmp_path, monkeypatch):
     monkeypatch.delenv(native.ARCH_ENV, raising=False)  # (set by `make test-portability`)
     native.library.cache_clear()
     routes.chosen.cache_clear()
+    routes.elu_choice.cache_clear()
     yield tmp_path / "cache" / "kernels"
     native.library.cache_clear()
     routes.chosen.cache_clear()
+    routes.elu_choice.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -40,9 +40,6 @@ def test_the_choice_is_timed_once_and_recorded(timed, fresh_build):
     chosen = routes.chosen()
     assert timed == [1]
     assert chosen.products in ("kernel", "onednn", "blas") and chosen.attention in ("kernel", "torch")
-    assert chosen.elu in ("kernel", "torch")
-    elu_times = chosen.timings_us["elu kernel"], chosen.timings_us["elu torch"]
-    assert chosen.timings_us[f"elu {chosen.elu}"] == min(elu_times)
     assert chosen.prefetch in routes.PREFETCH_CANDIDATES
     counts = range(1, min(routes.available_cores(), routes.MAX_KERNEL_THREADS) + 1)
     assert {f"kernel threads {count}" for count in counts} == {n for n in chosen.timings_us if "threads" in n}
@@ -57,7 +54,7 @@ def test_the_choice_is_timed_once_and_recorded(timed, fresh_build):
     assert json.loads(saved.read_text())["products"] == chosen.products
     assert not list(fresh_build.glob(".routes-*"))  # no partial file left
     assert "products: " in chosen.describe() and "KiB ahead" in chosen.describe()
-    assert f"elu: {chosen.elu}" in chosen.describe()
+    assert f"elu: {routes.elu()}" in chosen.describe()
     assert f"kernel threads: {chosen.threads}" in chosen.describe()
 
 
@@ -99,14 +96,30 @@ def test_a_slow_elu_is_never_chosen_and_the_seanet_follows_the_choice(timed, mon
         monkeypatch.setattr(native, "elu", _slowed(native.elu, 0.0005))
     else:
         monkeypatch.setattr(routes.F, "elu", _slowed(torch.nn.functional.elu, 0.0005))
-    assert routes.chosen().elu != slow
+    assert routes.elu() != slow
     calls = []
     elu = native.elu
     monkeypatch.setattr(native, "elu", lambda *a: calls.append(1) or elu(*a))
     encoder = SeanetEncoder(MimiConfig(num_filters=4, hidden_size=16))
     with torch.inference_mode():
-        encoder(torch.randn(1, 960, 1))
+        encoder(torch.randn(1, 960, 1))  # a bulk call
     assert (len(calls) > 0) == (slow == "torch")
+    assert timed == []  # the one-frame routes were not timed for the ELU's choice
+
+
+def test_the_elu_choice_is_kept_in_its_own_file_and_reused(timed, fresh_build, monkeypatch):
+    route, timings = routes.elu_choice()
+    [saved] = fresh_build.glob("elu-*.json")
+    assert json.loads(saved.read_text())["elu"] == route and timings[f"elu {route}"] == min(timings.values())
+    assert set(timings) == {"elu kernel", "elu torch"} and timed == []
+    routes.elu_choice.cache_clear()  # a new process
+    with monkeypatch.context() as patched:
+        patched.setattr(routes, "_fastest", lambda *a: pytest.fail("timed again"))
+        assert routes.elu_choice() == (route, timings)
+    saved.write_text('{"version": 1, "elu": "fastest"')  # damaged: timed again
+    routes.elu_choice.cache_clear()
+    assert routes.elu_choice()[0] in ("kernel", "torch")
+    assert json.loads(saved.read_text())["elu"] in ("kernel", "torch")
 
 
 def test_the_cached_choice_is_reused_without_timing(timed, monkeypatch):
@@ -160,12 +173,14 @@ def test_mimi_native_forces_a_route_without_timing_against_it(timed, monkeypatch
     monkeypatch.setenv(native.DISABLE_ENV, "1")
     routes.chosen.cache_clear()
     forced = routes.chosen()
-    assert (forced.products, forced.attention, forced.elu) == ("kernel",) * 3
+    routes.elu_choice.cache_clear()
+    assert (forced.products, forced.attention, routes.elu()) == ("kernel",) * 3
     assert timed == [1]  # its cache, reused
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     native.library.cache_clear()
     routes.chosen.cache_clear()
-    assert routes.chosen() == routes.TORCH_ONLY and timed == [1]
+    routes.elu_choice.cache_clear()
+    assert routes.chosen() == routes.TORCH_ONLY and routes.elu() == "torch" and timed == [1]
 
 
 def test_the_prefetch_chosen_is_the_kernels_setting(timed):

@@ -13,9 +13,10 @@ where oneDNN read 9–10. So the first one-frame call times the candidates on th
   packed rows or the BLAS, on the released model's four projection shapes, read cold;
 - attention of a streamed call, from its stacked q/k/v: the kernel's one call (RoPE, the window,
   the attention), or torch's RoPE, window and `scaled_dot_product_attention`;
-- the SEANet's ELUs: the kernel's one pass (its expm1 vectorizes as far as the build's instruction
-  set allows: ~2.6x torch's with AVX-512, ~1.9x with AVX2, slower than torch's with SSE alone) or
-  torch's, on a frame's activations.
+- the SEANet's ELUs, in every CPU call (bulk ones too): the kernel's one pass (its expm1 vectorizes
+  as far as the build's instruction set allows: ~2.6x torch's with AVX-512, ~1.9x with AVX2, slower
+  than torch's with SSE alone) or torch's, on a frame's activations. Chosen on its own (`elu_choice`,
+  ~20 ms, its own file), so that a bulk call does not time the one-frame routes (~1 s, ~240 MiB).
 
 The choice is written as JSON beside the compiled kernel (`cache_dir()/kernels`), keyed like it (its
 source, compiler, flags and CPU), by this module's source (how the choice is made), by torch's
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 from .. import fpcache
 from . import native, onednn
 
-ROUTES_VERSION = 3
+ROUTES_VERSION = 2
+ELU_VERSION = 1
 PRODUCT_SHAPES = ((1536, 512), (512, 512), (2048, 512), (512, 2048))  # q/k/v, o, fc1, fc2 of a layer
 # the released SEANet's activations where a frame's ELUs run (steps, channels), encoder and decoder
 ELU_SHAPES = ((1920, 64), (1920, 32), (480, 128), (480, 64), (96, 256), (96, 128), (16, 512), (16, 256))
@@ -64,26 +66,26 @@ THREADS_ENV = "MIMI_NATIVE_THREADS"  # the kernel's threads, instead of the time
 @dataclass(frozen=True)
 class Routes:
     """The routes of one-frame calls: "kernel", "onednn" or "blas" for products, "kernel" or "torch"
-    for attention and for ELU (every CPU call's), the kernel's prefetch (floats ahead, locality) and
-    threads, and the timings behind them (µs)."""
+    for attention, the kernel's prefetch (floats ahead, locality) and threads, and the timings behind
+    them (µs)."""
 
     products: str = "kernel"
     attention: str = "kernel"
-    elu: str = "kernel"
     prefetch: tuple[int, int] = (2048, 0)
     threads: int = 1
     timings_us: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """One line: the route per layer kind, and the kernel's prefetch and threads."""
+        """One line: the route per layer kind (the ELU's too, see `elu`), and the kernel's prefetch and
+        threads."""
         ahead, locality = self.prefetch
         level = {0: "non-temporal", 2: "into L2", 3: "into L1"}.get(locality, str(locality))
         prefetch = f"{4 * ahead // 1024} KiB ahead {level}"
         kernel = f"kernel prefetch: {prefetch}, kernel threads: {self.threads}"
-        return f"products: {self.products}, attention: {self.attention}, elu: {self.elu}, {kernel}"
+        return f"products: {self.products}, attention: {self.attention}, elu: {elu()}, {kernel}"
 
 
-TORCH_ONLY = Routes(products="onednn", attention="torch", elu="torch")
+TORCH_ONLY = Routes(products="onednn", attention="torch")
 
 
 class Sharing:
@@ -171,8 +173,32 @@ def attention() -> str:
 
 
 def elu() -> str:
-    """The route of the SEANet's ELUs on CPU: "kernel" or "torch"."""
-    return chosen().elu
+    """The route of the SEANet's ELUs on CPU: "kernel" or "torch" (`elu_choice`)."""
+    return elu_choice()[0]
+
+
+@functools.cache
+def elu_choice() -> tuple[str, dict[str, float]]:
+    """(route, timings in µs) of the ELU on this machine: read from its file beside the kernel (keyed
+    as the routes are: `cache_path`), else timed on a frame's activations and written. torch's where
+    the kernel is not available, the kernel's with `MIMI_NATIVE=1` (not timed)."""
+    lib = native.library()
+    if lib is None:
+        return "torch", {}
+    if os.environ.get(native.DISABLE_ENV) == "1":
+        return "kernel", {}
+    path = cache_path(lib, "elu")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["version"] == ELU_VERSION and data["elu"] in ("kernel", "torch"):
+            return data["elu"], {name: float(t) for name, t in data["timings_us"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # timed again
+    times = _fastest(_elu_candidates(torch.Generator().manual_seed(0)))
+    route = min(times, key=times.get)
+    timings = {f"elu {name}": round(t * 1e6, 1) for name, t in times.items()}
+    fpcache.write_json(path, {"version": ELU_VERSION, "elu": route, "timings_us": timings})
+    return route, timings
 
 
 @functools.cache
@@ -190,7 +216,7 @@ def chosen() -> Routes:
         _write(path, routes)
     native.set_prefetch(*routes.prefetch)
     if os.environ.get(native.DISABLE_ENV) == "1":
-        routes = replace(routes, products="kernel", attention="kernel", elu="kernel")
+        routes = replace(routes, products="kernel", attention="kernel")
     forced = os.environ.get(THREADS_ENV, "").strip()
     if forced:
         if not forced.isdigit() or not 1 <= int(forced) <= MAX_KERNEL_THREADS:
@@ -202,8 +228,9 @@ def chosen() -> Routes:
     return routes
 
 
-def cache_path(lib: object) -> Path:
-    """Where this machine's choice is kept: beside the kernel, keyed by it, torch and its settings."""
+def cache_path(lib: object, kind: str = "routes") -> Path:
+    """Where this machine's choice of `kind` ("routes", "elu") is kept: beside the kernel, keyed by it,
+    this module, torch and its settings."""
     kernel = Path(getattr(lib, "_name", "kernel"))
     timing = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # how the choice is made
     settings = (f"{name}={os.environ.get(name, '')}" for name in ENVIRONMENT)
@@ -211,7 +238,7 @@ def cache_path(lib: object) -> Path:
     cores = f"cores={available_cores()}"  # the kernel's helper threads run on them
     parts = [kernel.name, timing, torch.__version__, threads, cores, *settings]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return kernel.with_name(f"routes-{key}.json")
+    return kernel.with_name(f"{kind}-{key}.json")
 
 
 def time_routes() -> Routes:
@@ -256,16 +283,13 @@ def time_routes() -> Routes:
         candidates["onednn"] = through(packed)
     product_times = _fastest(candidates)
     attention_times = _fastest(_attention_candidates(generator))
-    elu_times = _fastest(_elu_candidates(generator))
     timings = {f"prefetch {ahead}/{locality}": t for (ahead, locality), t in prefetch_times.items()}
     timings |= {f"kernel threads {count}": t for count, t in thread_times.items()}
     timings |= {f"products {name}": t for name, t in product_times.items()}
     timings |= {f"attention {name}": t for name, t in attention_times.items()}
-    timings |= {f"elu {name}": t for name, t in elu_times.items()}
     return Routes(
         products=min(product_times, key=product_times.get),
         attention=min(attention_times, key=attention_times.get),
-        elu=min(elu_times, key=elu_times.get),
         prefetch=best_prefetch,
         threads=best_threads,
         timings_us={name: round(t * 1e6, 1) for name, t in timings.items()},
@@ -369,7 +393,6 @@ def _read(path: Path) -> Routes | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     valid = routes.products in ("kernel", "onednn", "blas") and routes.attention in ("kernel", "torch")
-    valid = valid and routes.elu in ("kernel", "torch")
     valid = valid and isinstance(routes.threads, int) and 1 <= routes.threads <= MAX_KERNEL_THREADS
     return routes if valid and all(isinstance(x, int) for x in routes.prefetch) else None
 
