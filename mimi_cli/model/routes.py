@@ -188,16 +188,14 @@ def elu_choice() -> tuple[str, dict[str, float]]:
     if os.environ.get(native.DISABLE_ENV) == "1":
         return "kernel", {}
     path = cache_path(lib, "elu")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data["version"] == ELU_VERSION and data["elu"] in ("kernel", "torch"):
+    data = _read_versioned(path, ELU_VERSION)
+    if data is not None and data.get("elu") in ("kernel", "torch"):
+        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):  # (else timed again)
             return data["elu"], {name: float(t) for name, t in data["timings_us"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # timed again
     times = _fastest(_elu_candidates(torch.Generator().manual_seed(0)))
     route = min(times, key=times.get)
     timings = {f"elu {name}": round(t * 1e6, 1) for name, t in times.items()}
-    fpcache.write_json(path, {"version": ELU_VERSION, "elu": route, "timings_us": timings})
+    _write_versioned(path, ELU_VERSION, {"elu": route, "timings_us": timings})
     return route, timings
 
 
@@ -213,7 +211,7 @@ def chosen() -> Routes:
     routes = _read(path)
     if routes is None:
         routes = time_routes()
-        _write(path, routes)
+        _write_versioned(path, ROUTES_VERSION, asdict(routes))
     native.set_prefetch(*routes.prefetch)
     if os.environ.get(native.DISABLE_ENV) == "1":
         routes = replace(routes, products="kernel", attention="kernel")
@@ -385,17 +383,27 @@ def _fastest(candidates: dict, rounds: int = ROUNDS) -> dict:
 
 
 def _read(path: Path) -> Routes | None:
+    data = _read_versioned(path, ROUTES_VERSION)
+    if data is None:
+        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.pop("version") != ROUTES_VERSION:
-            return None
         routes = Routes(**{**data, "prefetch": tuple(data["prefetch"])})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, ValueError):
         return None
     valid = routes.products in ("kernel", "onednn", "blas") and routes.attention in ("kernel", "torch")
     valid = valid and isinstance(routes.threads, int) and 1 <= routes.threads <= MAX_KERNEL_THREADS
     return routes if valid and all(isinstance(x, int) for x in routes.prefetch) else None
 
 
-def _write(path: Path, routes: Routes) -> None:
-    fpcache.write_json(path, {"version": ROUTES_VERSION, **asdict(routes)})
+def _read_versioned(path: Path, version: int) -> dict | None:
+    """The fields of a choice's cache file written with `version`; None where it is missing, damaged or
+    of another version (the choice is then made again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.pop("version", None) == version else None
+
+
+def _write_versioned(path: Path, version: int, fields: dict) -> None:
+    fpcache.write_json(path, {"version": version, **fields})
